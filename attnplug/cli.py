@@ -1,0 +1,98 @@
+"""The ``attnplug`` console script: ``attnplug doctor [--json]``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import sys
+
+import attnplug
+from attnplug.adapters.engines import ENGINES
+from attnplug.adapters.patching import check_patch
+from attnplug.adapters.registry import all_patches
+from attnplug.hooks import plugin_names
+
+
+def _distribution_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _gpu() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"name": None, "sm_count": None}
+    props = torch.cuda.get_device_properties(0)
+    return {"name": props.name, "sm_count": props.multi_processor_count}
+
+
+def diagnose() -> dict:
+    """Everything ``attnplug doctor`` reports, as a JSON-ready dict."""
+    import torch
+
+    versions = {name: engine.installed_version() for name, engine in ENGINES.items()}
+    patches = []
+    for patch in all_patches().values():
+        problem = check_patch(patch)
+        patches.append(
+            {
+                "id": patch.id,
+                "engine": patch.engine,
+                "versions": patch.versions,
+                "upstream": patch.upstream,
+                "status": "applies" if problem is None else "would skip",
+                "reason": problem or "",
+            }
+        )
+    return {
+        "attnplug": attnplug.__version__,
+        "engines": {name: str(version) if version else None for name, version in versions.items()},
+        "torch": torch.__version__,
+        "triton": _distribution_version("triton"),
+        "cuda": torch.version.cuda,
+        "gpu": _gpu(),
+        "plugins": plugin_names(),
+        "patches": patches,
+    }
+
+
+def _print_human(info: dict) -> None:
+    print(f"attnplug {info['attnplug']}")
+    print("engines:")
+    for name, version in info["engines"].items():
+        print(f"  {name:<8} {version or 'not installed'}")
+    print(f"torch {info['torch']}, triton {info['triton'] or 'not installed'}, CUDA {info['cuda'] or 'none'}")
+    gpu = info["gpu"]
+    print(f"GPU: {gpu['name']} ({gpu['sm_count']} SMs)" if gpu["name"] else "GPU: no GPU")
+    print(f"plugins: {', '.join(info['plugins'])}")
+    print("patches:")
+    if not info["patches"]:
+        print("  (no patches registered)")
+    width = max((len(p["id"]) for p in info["patches"]), default=0)
+    for p in info["patches"]:
+        status = p["status"] + (f": {p['reason']}" if p["reason"] else "")
+        print(f"  {p['id']:<{width}}  {p['versions']:<14} {status}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="attnplug", description=attnplug.__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    doctor = commands.add_parser("doctor", help="installed engines, torch/Triton/CUDA, GPU, and which patches apply")
+    doctor.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    if args.command == "doctor":
+        info = diagnose()
+        if args.json:
+            json.dump(info, sys.stdout, indent=2)
+            print()
+        else:
+            _print_human(info)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
