@@ -4,7 +4,7 @@
 """
 
 from attnplug.adapters.enable import apply_to_sglang, apply_to_vllm, patched, revert
-from attnplug.adapters.patching import ApplyReport, Patch, PatchResult
+from attnplug.adapters.patching import ApplyReport, Patch, PatchResult, Rebinding
 from attnplug.hooks import hookimpl
 
 __version__ = "0.1.0"
@@ -13,6 +13,7 @@ __all__ = [
     "ApplyReport",
     "Patch",
     "PatchResult",
+    "Rebinding",
     "apply_to_sglang",
     "apply_to_vllm",
     "hookimpl",

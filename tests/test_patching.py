@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from attnplug import Patch
+from attnplug import Patch, Rebinding
 from attnplug.adapters.patching import apply_patches, applied_patch_ids, check_patch, revert_patches
 from tests.toy import toy_engine, toy_patch  # noqa: F401  (fixture)
 
@@ -115,6 +115,19 @@ def test_one_failing_patch_does_not_stop_the_others(toy_engine):
     assert ops.attend("q", 1, 2) == ("attnplug", "q")
 
 
+def test_a_patch_of_several_rebindings_applies_whole_or_not_at_all(toy_engine):
+    ops, backend = toy_engine
+    original, raw_helper = ops.attend, vars(ops.Backend)["helper"]
+    attend, helper = toy_patch().rebinds[0], Rebinding(("toy_engine.ops:Backend.helper",), "tests.toy:make_helper", ("a",))
+    both = toy_patch(id="toy.ops.both", rebinds=(attend, helper))
+    assert apply_patches([both]).applied == ["toy.ops.both"]
+    assert backend.run("q") == ("attnplug", "q") and ops.Backend.helper(1) == ("attnplug helper", 1)
+    revert_patches()
+    broken = Rebinding(("toy_engine.ops:Backend.forward",), "tests.toy:make_broken", ("self", "x"))
+    assert apply_patches([toy_patch(id="toy.ops.half", rebinds=(attend, helper, broken))]).applied == []
+    assert ops.attend is original and backend.attend is original and vars(ops.Backend)["helper"] is raw_helper
+
+
 def test_check_patch_does_not_apply(toy_engine):
     ops, _ = toy_engine
     original = ops.attend
@@ -131,6 +144,7 @@ def test_check_patch_does_not_apply(toy_engine):
         (dict(targets=()), "targets must be 'module:qualname'"),
         (dict(replacement="tests.toy.make_attend"), "replacement must be 'module:factory'"),
         (dict(versions="0.32"), "is not a version specifier"),
+        (dict(rebinds=()), "rebinds must name at least one Rebinding"),
     ],
 )
 def test_malformed_patch_declarations_are_rejected(overrides, message):

@@ -12,7 +12,7 @@ import pytest
 from attnplug import Patch, hookimpl
 from attnplug.adapters import enable
 from attnplug.adapters.engines import ENGINES, Engine
-from attnplug.adapters.patching import revert_patches
+from attnplug.adapters.patching import Rebinding, revert_patches
 from attnplug.hooks import get_plugin_manager
 
 TOY_OPS = '''
@@ -67,15 +67,18 @@ def make_broken(original):
     raise RuntimeError("factory exploded")
 
 
-def toy_patch(**overrides) -> Patch:
+def toy_patch(
+    targets=("toy_engine.ops:attend", "toy_engine.backend:attend"),
+    replacement="tests.toy:make_attend",
+    signature=("q", "k", "v"),
+    **overrides,
+) -> Patch:
     """A patch of toy_engine's ``attend`` (both bindings); keyword arguments override fields."""
     fields = dict(
         id="toy.ops.attend",
         engine="toy",
-        targets=("toy_engine.ops:attend", "toy_engine.backend:attend"),
-        replacement="tests.toy:make_attend",
+        rebinds=(Rebinding(targets, replacement, signature),),
         versions=">=1",
-        signature=("q", "k", "v"),
         upstream="none (test)",
         why="exercise the machinery",
     )

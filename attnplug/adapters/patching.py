@@ -1,8 +1,8 @@
 """The patch registry's machinery: patches declared as data, applied and reverted per process.
 
-A :class:`Patch` names every binding of the object it replaces (the definition and each module
-that did ``from X import name``), the engine releases it supports, the upstream change it mirrors
-and why it exists. :func:`apply_patches` rebinds all targets or none; a patch that cannot apply
+A :class:`Patch` names every binding of each object it replaces (the definition and each module
+that did ``from X import name``: a :class:`Rebinding`), the engine releases it supports, the
+upstream change it mirrors and why it exists. :func:`apply_patches` rebinds all targets or none; a patch that cannot apply
 to the installed engine is skipped with one warning line and never raises into the engine.
 :func:`revert_patches` puts back the exact original objects.
 """
@@ -26,19 +26,39 @@ _MISSING = object()
 
 
 @dataclass(frozen=True)
+class Rebinding:
+    """One object of the engine replaced at every place it is bound.
+
+    Attributes
+    ----------
+    targets: ``"module:qualname"`` bindings to rebind. The first is the definition; the others are
+        the modules that copied it with ``from module import name``. All must hold the same object.
+    replacement: ``"module:factory"`` inside attnplug; ``factory(original)`` returns the replacement,
+        which may call ``original`` for the cases it does not cover.
+    signature: parameter names the replacement expects the original to have, in order.
+    """
+
+    targets: tuple[str, ...]
+    replacement: str
+    signature: tuple[str, ...]
+
+    def __post_init__(self):
+        if not self.targets or any(target.count(":") != 1 for target in self.targets):
+            raise ValueError(f"targets must be 'module:qualname' strings, got {self.targets!r}")
+        if self.replacement.count(":") != 1:
+            raise ValueError(f"replacement must be 'module:factory', got {self.replacement!r}")
+
+
+@dataclass(frozen=True)
 class Patch:
-    """One replacement of an engine function, declared as data.
+    """One change to an engine, declared as data: applied whole or not at all, and reversible.
 
     Attributes
     ----------
     id: ``<engine>.<backend>.<what>``; its last part is the keyword of ``attnplug.apply_to_<engine>``.
     engine: key of :data:`attnplug.adapters.engines.ENGINES`.
-    targets: ``"module:qualname"`` bindings to rebind. The first is the definition; the others are
-        the modules that copied it with ``from module import name``. All must hold the same object.
-    replacement: ``"module:factory"`` inside attnplug; ``factory(original)`` returns the replacement,
-        which may call ``original`` for the cases it does not cover.
+    rebinds: the objects replaced (usually one; several when the change spans functions).
     versions: PEP 440 specifier of the engine releases the patch was verified against.
-    signature: parameter names the replacement expects the original to have, in order.
     upstream: the upstream PR or commit this mirrors.
     why: why the patch exists.
     remove_when: when the patch can be deleted.
@@ -46,10 +66,8 @@ class Patch:
 
     id: str
     engine: str
-    targets: tuple[str, ...]
-    replacement: str
+    rebinds: tuple[Rebinding, ...]
     versions: str
-    signature: tuple[str, ...]
     upstream: str
     why: str
     remove_when: str = ""
@@ -57,10 +75,8 @@ class Patch:
     def __post_init__(self):
         if not _PATCH_ID.match(self.id) or not self.id.startswith(self.engine + "."):
             raise ValueError(f"Patch id {self.id!r} must look like '{self.engine}.<backend>.<what>'")
-        if not self.targets or any(target.count(":") != 1 for target in self.targets):
-            raise ValueError(f"Patch {self.id}: targets must be 'module:qualname' strings, got {self.targets!r}")
-        if self.replacement.count(":") != 1:
-            raise ValueError(f"Patch {self.id}: replacement must be 'module:factory', got {self.replacement!r}")
+        if not self.rebinds:
+            raise ValueError(f"Patch {self.id}: rebinds must name at least one Rebinding")
         try:
             SpecifierSet(self.versions)
         except InvalidSpecifier as exc:
@@ -70,6 +86,11 @@ class Patch:
     def keyword(self) -> str:
         """The keyword that turns this patch on or off in ``attnplug.apply_to_<engine>(...)``."""
         return self.id.rsplit(".", 1)[1]
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Every binding the patch rebinds."""
+        return tuple(target for rebind in self.rebinds for target in rebind.targets)
 
 
 @dataclass(frozen=True)
@@ -178,7 +199,7 @@ def version_problem(patch: Patch) -> str | None:
     return None
 
 
-def _original_and_bindings(patch: Patch) -> tuple[Any, list[tuple[Any, str, Any]]]:
+def _original_and_bindings(rebind: Rebinding) -> tuple[Any, list[tuple[Any, str, Any]]]:
     """Resolve every target; return the original object and (owner, name, raw) per binding.
 
     Raises LookupError with the reason when a target is missing, the bindings disagree, or the
@@ -186,7 +207,7 @@ def _original_and_bindings(patch: Patch) -> tuple[Any, list[tuple[Any, str, Any]
     """
     bindings = []
     original = _MISSING
-    for target in patch.targets:
+    for target in rebind.targets:
         try:
             owner, name = resolve_target(target)
             raw = _raw_attribute(owner, name)
@@ -196,14 +217,14 @@ def _original_and_bindings(patch: Patch) -> tuple[Any, list[tuple[Any, str, Any]
         if original is _MISSING:
             original = current
         elif current is not original:
-            raise LookupError(f"target {target} holds a different object than {patch.targets[0]} (patched elsewhere?)")
+            raise LookupError(f"target {target} holds a different object than {rebind.targets[0]} (patched elsewhere?)")
         bindings.append((owner, name, raw))
     try:
         found = tuple(inspect.signature(original).parameters)
     except (TypeError, ValueError) as exc:
-        raise LookupError(f"cannot read the signature of {patch.targets[0]}: {exc}") from exc
-    if found != patch.signature:
-        raise LookupError(f"{patch.targets[0]} has signature ({', '.join(found)}), expected ({', '.join(patch.signature)})")
+        raise LookupError(f"cannot read the signature of {rebind.targets[0]}: {exc}") from exc
+    if found != rebind.signature:
+        raise LookupError(f"{rebind.targets[0]} has signature ({', '.join(found)}), expected ({', '.join(rebind.signature)})")
     return original, bindings
 
 
@@ -215,8 +236,9 @@ def check_patch(patch: Patch) -> str | None:
     if problem:
         return problem
     try:
-        _original_and_bindings(patch)
-        _load_factory(patch.replacement)
+        for rebind in patch.rebinds:
+            _original_and_bindings(rebind)
+            _load_factory(rebind.replacement)
     except LookupError as exc:
         return str(exc)
     except Exception as exc:  # importing an engine module can fail in many ways
@@ -231,11 +253,12 @@ def _apply_one(patch: Patch) -> PatchResult:
     if problem is None:
         done: list[_Binding] = []
         try:
-            original, bindings = _original_and_bindings(patch)
-            replacement = _load_factory(patch.replacement)(original)
-            for owner, name, raw in bindings:
-                done.append(_Binding(owner, name, raw))
-                setattr(owner, name, _rewrap_like(raw, replacement))
+            resolved = [(rebind, *_original_and_bindings(rebind)) for rebind in patch.rebinds]  # check all first
+            for rebind, original, bindings in resolved:
+                replacement = _load_factory(rebind.replacement)(original)
+                for owner, name, raw in bindings:
+                    done.append(_Binding(owner, name, raw))
+                    setattr(owner, name, _rewrap_like(raw, replacement))
             _applied[patch.id] = _AppliedPatch(patch, done)
             return PatchResult(patch.id, "applied")
         except LookupError as exc:
