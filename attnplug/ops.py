@@ -16,11 +16,7 @@ from attnplug import report
 from attnplug.hooks import get_plugin_manager
 
 CORE_MODULE = "attnplug.core"
-
-
-def core_op_names() -> list[str]:
-    """Names of the ops ``attnplug.core`` exports (what ``attnplug_core_op`` may override)."""
-    return list(importlib.import_module(CORE_MODULE).__all__)
+CORE_OPS = ("fused_decode_metadata", "fused_metadata_copy", "plan_attention", "paged_attention", "fa3_scheduler_metadata")
 
 
 def split_kv_from_plugins(problem) -> int | None:
@@ -37,8 +33,8 @@ def _core_default(name: str) -> Callable:
 
 def resolve(name: str) -> Callable:
     """The implementation of core op ``name`` for this process, counted in the report."""
-    if name not in core_op_names():
-        raise ValueError(f"unknown core op {name!r}; known: {', '.join(core_op_names())}")
+    if name not in CORE_OPS:
+        raise ValueError(f"unknown core op {name!r}; known: {', '.join(CORE_OPS)}")
     impl = get_plugin_manager().hook.attnplug_core_op(name=name) or _core_default(name)
     counts = report.op_calls
 

@@ -21,3 +21,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+from tests.toy import register_plugin, toy_engine  # noqa: E402,F401  (fixtures for every test module)

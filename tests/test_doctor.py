@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from attnplug.cli import diagnose
-from tests.toy import PatchPlugin, register_plugin, toy_engine, toy_patch  # noqa: F401  (fixtures)
+from tests.toy import PatchPlugin, toy_patch
 
 ENGINES_INSTALLED = {name for name in ("vllm", "sglang") if importlib.util.find_spec(name)}
 

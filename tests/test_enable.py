@@ -12,7 +12,7 @@ import attnplug
 from attnplug import report
 from attnplug.adapters.enable import apply_to, load_engine_plugin
 from attnplug.adapters.registry import UnknownPatchError, select_patches
-from tests.toy import PatchPlugin, register_plugin, toy_engine, toy_patch  # noqa: F401  (fixtures)
+from tests.toy import PatchPlugin, toy_patch
 
 HELPER = toy_patch(
     id="toy.backend.helper", targets=("toy_engine.ops:Backend.helper",), replacement="tests.toy:make_helper", signature=("a",)

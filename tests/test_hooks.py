@@ -11,7 +11,7 @@ import attnplug
 from attnplug import hookimpl, ops, report
 from attnplug.adapters.registry import all_patches
 from attnplug.hooks import specs
-from tests.toy import PatchPlugin, register_plugin, toy_engine, toy_patch  # noqa: F401  (fixtures)
+from tests.toy import PatchPlugin, toy_patch
 
 HOOK_NAMES = sorted(name for name, _ in inspect.getmembers(specs, inspect.isfunction) if name.startswith("attnplug_"))
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "hooks.md"

@@ -6,7 +6,7 @@ import pytest
 
 from attnplug import Patch, Rebinding
 from attnplug.adapters.patching import apply_patches, applied_patch_ids, check_patch, revert_patches
-from tests.toy import toy_engine, toy_patch  # noqa: F401  (fixture)
+from tests.toy import toy_patch
 
 
 def test_apply_rebinds_every_binding_and_falls_back_to_original(toy_engine):

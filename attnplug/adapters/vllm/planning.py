@@ -1,0 +1,131 @@
+"""Once-per-batch planning inside vLLM, shared by the ATTNPLUG backend and the TRITON_ATTN patch.
+
+vLLM's metadata builders run once per batch (per KV-cache group); the attention layers then run
+with the metadata they built. Here the builder also makes attnplug's ``AttentionPlan`` into a
+workspace it owns, so the per-layer call does no planning and allocates nothing. vLLM must put
+decode requests first in the batch (``reorder_batch_threshold = 1``) for the decode/prefill split.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from attnplug import ops
+from attnplug._log import logger
+
+REORDER_BATCH_THRESHOLD = 1  # decode requests (one query token) first, then the rest
+
+
+class VllmPlanner:
+    """What one metadata builder needs to plan every batch: head layout, page size, workspace."""
+
+    def __init__(self, vllm_config, num_q_heads: int, num_kv_heads: int, head_size: int, page_size: int, device):
+        from attnplug.core import AttentionWorkspace
+
+        scheduler = vllm_config.scheduler_config
+        self.num_q_heads, self.num_kv_heads = num_q_heads, num_kv_heads
+        self.head_size, self.page_size = head_size, page_size
+        self.workspace = AttentionWorkspace.allocate(
+            scheduler.max_num_seqs,
+            scheduler.max_num_batched_tokens,
+            num_q_heads,
+            head_size,
+            device=torch.device(device),
+        )
+        self._plan_attention = ops.resolve("plan_attention")
+
+    def plan(self, common_attn_metadata):
+        """The ``AttentionPlan`` of one batch (decode requests first), from host-side facts only."""
+        from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+
+        num_decodes, _, _, _ = split_decodes_and_prefills(
+            common_attn_metadata, decode_threshold=REORDER_BATCH_THRESHOLD
+        )
+        return self._plan_attention(
+            common_attn_metadata.query_start_loc,
+            common_attn_metadata.seq_lens,
+            num_decodes=num_decodes,
+            num_q_heads=self.num_q_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_size=self.head_size,
+            page_size=self.page_size,
+            max_seqlen_q=max(common_attn_metadata.max_query_len, 1),
+            max_seqlen_k=max(common_attn_metadata.max_seq_len, 1),
+            workspace=self.workspace,
+        )
+
+
+def planner_of(builder) -> VllmPlanner:
+    """The builder's planner, made on first use (the ATTNPLUG backend's builder shares this)."""
+    planner = getattr(builder, "attnplug_planner", None)
+    if planner is None:
+        planner = builder.attnplug_planner = VllmPlanner(
+            builder.vllm_config,
+            builder.num_heads_q,
+            builder.num_heads_kv,
+            builder.headdim,
+            builder.block_size,
+            builder.device,
+        )
+    return planner
+
+
+class PlanStash:
+    """Finds a batch's plan again from the ``seq_lens`` tensor that ``unified_attention`` receives.
+
+    vLLM passes ``attn_metadata.seq_lens`` (the very tensor object the builder saw) to every layer
+    of the batch; the stash holds a weak reference to it, so a plan is never matched to a later
+    batch whose tensor happens to reuse the address.
+    """
+
+    def __init__(self):
+        self._plans: dict[int, tuple[weakref.ref, object]] = {}
+
+    def put(self, seq_lens: torch.Tensor, plan) -> None:
+        self._plans = {key: entry for key, entry in self._plans.items() if entry[0]() is not None}
+        self._plans[id(seq_lens)] = (weakref.ref(seq_lens), plan)
+
+    def get(self, seq_lens: torch.Tensor):
+        entry = self._plans.get(id(seq_lens))
+        return entry[1] if entry is not None and entry[0]() is seq_lens else None
+
+
+def unsupported_layer(*, alibi_slopes, use_alibi_sqrt, kv_quant_mode, chunk_lookback) -> str | None:
+    """Why attnplug's kernels cannot serve a layer configured like this (None: they can)."""
+    if alibi_slopes is not None or use_alibi_sqrt:
+        return "ALiBi"
+    if kv_quant_mode is not None and kv_quant_mode.name != "NONE":
+        return f"quantized KV cache ({kv_quant_mode.name})"
+    if chunk_lookback != -1:
+        return "chunked (lookback) attention"
+    return None
+
+
+def unsupported_batch(
+    *, causal, q_descale, output_scale, mm_prefix_range, rswa_prefix_lens, kv_dtype, query_dtype
+) -> str | None:
+    """Why attnplug's kernels do not cover this call of a layer they serve (None: they do)."""
+    if causal is not True:
+        return "non-causal or per-sequence causal attention"
+    if kv_dtype != query_dtype or q_descale is not None:
+        return f"KV cache in {kv_dtype} with queries in {query_dtype}"
+    if output_scale is not None:
+        return "fp8 output scale"
+    if mm_prefix_range is not None:
+        return "multimodal prefix ranges"
+    if rswa_prefix_lens is not None:
+        return "R-SWA prefix lengths"
+    return None
+
+
+_fallbacks_logged: set[str] = set()
+
+
+def log_fallback_once(where: str, reason: str) -> None:
+    """One log line per (place, reason) per process when attnplug hands a call back to vLLM's kernel."""
+    key = f"{where}: {reason}"
+    if key not in _fallbacks_logged:
+        _fallbacks_logged.add(key)
+        logger.info("%s falls back to vLLM's Triton kernel for %s", where, reason)
