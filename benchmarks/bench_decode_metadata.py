@@ -1,0 +1,229 @@
+"""Decode-metadata update: attnplug's fused kernel vs the unfused torch sequence vs SGLang's fused kernel.
+
+Sections:
+  launch   host time per call, plain ``kernel[grid](...)`` vs ``attnplug.core._launch.launch``,
+           for a tiny kernel and for the decode-metadata kernel (1000 back-to-back calls).
+  decode   bs 1, 8, 32, 128, 256 x page size 1, 64 x context 8192: eager (CUDA events), CUDA-graph
+           GPU time and host time per call for each provider.
+
+Providers (same inputs, same buffers):
+  torch_unfused      SGLang's per-step sequence before PR 20778 (the semantics we implement):
+                     precomputed strided column indices, cumsum(dtype=int32), cu_seqlens_k[0] left
+                     at its pre-filled 0 (as SGLang did), full page table over max_seq_pages columns.
+  sglang_fused       sglang 0.5.23 ``normal_decode_set_metadata`` (default zero_tail=False: it
+                     rewrites only each sequence's live pages, less work than our semantics).
+  sglang_fused_zero_tail  the same with zero_tail=True: writes all max_seq_pages columns (zeros
+                     past the live prefix), the closest to our semantics in store traffic.
+  attnplug           ``fused_decode_metadata`` (fast launch path).
+  attnplug_plain_launch  the same kernel through the plain ``kernel[grid](...)`` launch.
+
+SGLang's module is loaded from .vendor/sglang_metadata/metadata.py (pip-downloaded sglang 0.5.23
+file, not committed). Usage: PYTHONPATH=. python3 benchmarks/bench_decode_metadata.py [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from attnplug.core import decode_metadata as dm
+from attnplug.core._launch import fast_launcher, launch
+from benchmarks.common import (
+    eager_us,
+    environment,
+    graph_us,
+    host_us_per_call,
+    out_dir,
+    write_csv,
+)
+
+SGLANG_FILE = ".vendor/sglang_metadata/metadata.py"
+MAX_CONTEXT = 8192
+BATCHES = [1, 8, 32, 128, 256]
+PAGE_SIZES = [1, 64]
+
+
+def load_sglang():
+    if not os.path.exists(SGLANG_FILE):
+        print(f"[warn] {SGLANG_FILE} missing: SGLang provider skipped")
+        return None
+    spec = importlib.util.spec_from_file_location("sglang_metadata_vendored", SGLANG_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.normal_decode_set_metadata
+
+
+def make_batch(bs, page_size, device="cuda", seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    pool = 2 * max(BATCHES)
+    num_tokens = pool * MAX_CONTEXT
+    max_seq_pages = MAX_CONTEXT // page_size
+    return {
+        "req_to_token": torch.randint(0, num_tokens, (pool, MAX_CONTEXT), generator=gen, dtype=torch.int32).to(device),
+        "req_pool_indices": torch.randperm(pool, generator=gen)[:bs].to(device),  # int64, as SGLang's
+        "seq_lens": torch.randint(1, MAX_CONTEXT, (bs,), generator=gen).to(device),  # int64, as SGLang's
+        "cache_seqlens_int32": torch.zeros(bs, dtype=torch.int32, device=device),
+        "cu_seqlens_k": torch.zeros(bs + 1, dtype=torch.int32, device=device),
+        "page_table": torch.zeros(bs, max_seq_pages, dtype=torch.int32, device=device),
+        "strided_indices": torch.arange(0, MAX_CONTEXT, page_size, device=device),
+        "max_seq_pages": max_seq_pages,
+        "page_size": page_size,
+    }
+
+
+def providers(b, sglang_fn):
+    """name -> zero-argument callable updating b's buffers."""
+
+    def torch_unfused():
+        b["cache_seqlens_int32"].copy_(b["seq_lens"] + 0)
+        b["cu_seqlens_k"][1:].copy_(torch.cumsum(b["cache_seqlens_int32"], dim=0, dtype=torch.int32))
+        cols = b["strided_indices"][: b["max_seq_pages"]]
+        page_indices = b["req_to_token"][b["req_pool_indices"][:, None], cols[None, :]]
+        b["page_table"][:, : b["max_seq_pages"]].copy_(page_indices // b["page_size"])
+
+    def attnplug():
+        dm.fused_decode_metadata(b["cache_seqlens_int32"], b["cu_seqlens_k"], b["page_table"], b["req_to_token"],
+                                 b["req_pool_indices"], b["seq_lens"], b["max_seq_pages"], page_size=b["page_size"])
+
+    def attnplug_plain_launch():
+        launcher = fast_launcher(dm._fused_decode_metadata_kernel)
+        enabled, launcher._enabled = launcher._enabled, False
+        try:
+            attnplug()
+        finally:
+            launcher._enabled = enabled
+
+    out = {"torch_unfused": torch_unfused, "attnplug": attnplug, "attnplug_plain_launch": attnplug_plain_launch}
+    if sglang_fn is not None:
+        def sglang(zero_tail):
+            return lambda: sglang_fn(b["cache_seqlens_int32"], b["cu_seqlens_k"], b["page_table"], b["req_to_token"],
+                                     b["req_pool_indices"], b["max_seq_pages"], b["seq_lens"], 0, b["page_size"],
+                                     zero_tail=zero_tail)
+
+        out["sglang_fused"] = sglang(False)
+        out["sglang_fused_zero_tail"] = sglang(True)
+    return out
+
+
+def check_agreement(b, fns):
+    """attnplug must equal the unfused sequence exactly; SGLang on the live prefix (its semantics)."""
+    outs = {}
+    for name, fn in fns.items():
+        for key in ("cache_seqlens_int32", "cu_seqlens_k", "page_table"):
+            b[key].fill_(-1)
+        b["cu_seqlens_k"][0] = 0  # the unfused sequence relies on a pre-filled 0
+        fn()
+        outs[name] = {k: b[k].clone() for k in ("cache_seqlens_int32", "cu_seqlens_k", "page_table")}
+    want = outs["torch_unfused"]
+    for name, got in outs.items():
+        for key in ("cache_seqlens_int32", "cu_seqlens_k"):
+            assert torch.equal(got[key], want[key]), f"{name}: {key} differs"
+        if name.startswith("attnplug"):
+            assert torch.equal(got["page_table"], want["page_table"]), f"{name}: page_table differs"
+        else:
+            live = (b["seq_lens"] + b["page_size"] - 1) // b["page_size"]
+            cols = torch.arange(b["max_seq_pages"], device=live.device)
+            mask = cols[None, :] < live[:, None]
+            assert torch.equal(got["page_table"][mask], want["page_table"][mask]), f"{name}: live page_table differs"
+
+
+@triton.jit
+def _tiny_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)
+
+
+def bench_launch(rows):
+    """Host us per call, plain launch vs fast launch, 1000 back-to-back calls."""
+    x = torch.zeros(64, device="cuda")
+    b = make_batch(32, 1)
+    kernel = dm._fused_decode_metadata_kernel
+    meta_args = ((32, 9), b["seq_lens"], b["req_pool_indices"], b["req_to_token"], MAX_CONTEXT, 1, None,
+                 b["cache_seqlens_int32"], b["cu_seqlens_k"], b["page_table"], MAX_CONTEXT, 1, None, 0, 0, 32, 8192, 0)
+    meta_kw = {"PAGE_SHIFT": 0, "BLOCK_BS": 256, "BLOCK_COLS": 1024, "num_warps": 4}
+    cases = {
+        ("tiny_kernel", "plain"): lambda: _tiny_kernel[(1,)](x, 64, BLOCK=64),
+        ("tiny_kernel", "fast"): lambda: launch(_tiny_kernel, (1,), x, 64, BLOCK=64),
+        ("decode_metadata_kernel", "plain"): lambda: kernel[meta_args[0]](*meta_args[1:], **meta_kw),
+        ("decode_metadata_kernel", "fast"): lambda: launch(kernel, *meta_args, **meta_kw),
+        ("torch_add_", "torch"): lambda: x.add_(1),
+    }
+    for (what, path), fn in cases.items():
+        us = host_us_per_call(fn, calls=1000)
+        rows.append({"kernel": what, "launch": path, "host_us_per_call": round(us, 2)})
+        print(f"launch  {what:24s} {path:6s} {us:7.2f} us/call", flush=True)
+
+
+def bench_decode(rows, sglang_fn):
+    for page_size in PAGE_SIZES:
+        for bs in BATCHES:
+            b = make_batch(bs, page_size, seed=bs)
+            fns = providers(b, sglang_fn)
+            check_agreement(b, fns)
+            for name, fn in fns.items():
+                row = {"bs": bs, "page_size": page_size, "max_context": MAX_CONTEXT, "provider": name,
+                       "eager_us": round(eager_us(fn), 2),
+                       "graph_us": round(graph_us(fn), 2) if name != "attnplug_plain_launch" else "",
+                       "host_us_per_call": round(host_us_per_call(fn, calls=500), 2)}
+                rows.append(row)
+                print(f"decode bs={bs:3d} page={page_size:2d} {name:24s} eager {row['eager_us']:8.2f}  "
+                      f"graph {row['graph_us']!s:>8}  host {row['host_us_per_call']:8.2f}", flush=True)
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    names = ["torch_unfused", "sglang_fused", "sglang_fused_zero_tail", "attnplug"]
+    for col, page_size in enumerate(PAGE_SIZES):
+        for r, metric in enumerate(["eager_us", "graph_us"]):
+            ax = axes[r][col]
+            for name in names:
+                pts = [(row["bs"], row[metric]) for row in rows
+                       if row["provider"] == name and row["page_size"] == page_size and row[metric] != ""]
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("batch size")
+            ax.set_ylabel(f"{metric.replace('_us', '')} time per call (us)")
+            ax.set_title(f"page {page_size}, context {MAX_CONTEXT}: {metric.replace('_us', '')}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    env = environment()
+    fig.suptitle(f"decode metadata update ({env['device']}, torch {env['torch']}, triton {env['triton']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=out_dir())
+    parser.add_argument("--sections", default="launch,decode")
+    args = parser.parse_args()
+    sections = args.sections.split(",")
+    print(environment(), flush=True)
+    if "launch" in sections:
+        rows = []
+        bench_launch(rows)
+        write_csv(os.path.join(args.out, "launch_overhead.csv"), rows)
+    if "decode" in sections:
+        rows = []
+        bench_decode(rows, load_sglang())
+        write_csv(os.path.join(args.out, "decode_metadata.csv"), rows)
+        plot(rows, os.path.join(args.out, "decode_metadata.png"))
+
+
+if __name__ == "__main__":
+    main()
