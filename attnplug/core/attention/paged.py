@@ -1,0 +1,144 @@
+"""``paged_attention``: run one planned batch for one layer (validation + launches, no sync)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._launch import fast_launcher
+from .kernels import _decode_split_kv_kernel, _prefill_kernel, _reduce_segments_kernel
+from .plan import AttentionPlan
+
+# cached compiled-kernel launches (the plain ``kernel[grid](...)`` costs ~17 us of host time each)
+_launch_decode = fast_launcher(_decode_split_kv_kernel)
+_launch_reduce = fast_launcher(_reduce_segments_kernel)
+_launch_prefill = fast_launcher(_prefill_kernel)
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_inputs(q, k_cache, v_cache, block_table, plan, out, sinks) -> None:
+    """Cheap host checks (shapes, dtypes, devices); nothing here reads device memory."""
+    if not isinstance(plan, AttentionPlan):
+        raise TypeError(f"plan must be an AttentionPlan from plan_attention, got {type(plan).__name__}")
+    if q.dim() != 3 or q.shape[1] != plan.num_q_heads or q.shape[2] != plan.head_size:
+        raise ValueError(f"q must be [num_tokens, {plan.num_q_heads}, {plan.head_size}], got {tuple(q.shape)}")
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    if out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"out must match q ({tuple(q.shape)}, {q.dtype}), got {tuple(out.shape)}, {out.dtype}")
+    if q.stride(2) != 1 or out.stride(2) != 1:
+        raise ValueError("q and out must be contiguous in their last (head_size) dimension")
+    expected_cache = (plan.page_size, plan.num_kv_heads, plan.head_size)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.dim() != 4 or tuple(cache.shape[1:]) != expected_cache:
+            raise ValueError(f"{name} must be [num_pages, {', '.join(map(str, expected_cache))}], got {tuple(cache.shape)}")
+        if cache.dtype != q.dtype:
+            raise TypeError(f"{name} dtype {cache.dtype} differs from q dtype {q.dtype}")
+        if cache.device != q.device:
+            raise ValueError(f"{name} is on {cache.device} but q on {q.device}")
+    if block_table.dim() != 2 or block_table.dtype != torch.int32 or block_table.shape[0] < plan.num_seqs:
+        raise ValueError(f"block_table must be int32 [>= num_seqs={plan.num_seqs}, max_pages_per_seq], "
+                         f"got {block_table.dtype} {tuple(block_table.shape)}")
+    if block_table.stride(1) != 1:
+        raise ValueError("block_table must be contiguous in its last dimension")
+    if q.device != plan.seq_lens.device or out.device != q.device or block_table.device != q.device:
+        raise ValueError(f"q, out, block_table and the plan's tensors must share one device (q is on {q.device})")
+    if plan.max_num_tokens is not None and q.shape[0] > plan.max_num_tokens:
+        raise ValueError(f"q has {q.shape[0]} tokens but the workspace was allocated for "
+                         f"max_num_tokens={plan.max_num_tokens}")
+    if q.shape[0] < plan.num_seqs:
+        raise ValueError(f"q has {q.shape[0]} tokens, fewer than the plan's {plan.num_seqs} sequences")
+    if sinks is not None and (sinks.shape != (plan.num_q_heads,) or sinks.dtype != torch.float32):
+        raise ValueError(f"sinks must be float32 [{plan.num_q_heads}], got {sinks.dtype} {tuple(sinks.shape)}")
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    plan: AttentionPlan,
+    out: torch.Tensor,
+    *,
+    softmax_scale: float,
+    causal: bool = True,
+    window_size: tuple = (-1, -1),
+    softcap: float = 0.0,
+    sinks: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Attention of a planned batch over a paged KV cache, written into ``out``.
+
+    Sequence ``i``'s queries ``q[qsl[i]:qsl[i + 1]]`` are the last ``qlen_i`` tokens of its KV
+    sequence of length ``seq_lens[i]``; query ``j`` sits at ``p = seq_lens[i] - qlen_i + j`` and
+    sees KV positions ``k`` with ``k <= p`` (if causal), ``k >= p - window_size[0]`` (if >= 0) and
+    ``k <= p + window_size[1]`` (if >= 0). Decode sequences run through the split-KV kernel and its
+    reduction, prefill sequences through the 2D kernel. No host synchronisation; with a workspace
+    in the plan, no allocation either (CUDA-graph capturable).
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``[num_tokens, num_q_heads, head_size]`` float16 / bfloat16 / float32 (last dim contiguous).
+    k_cache, v_cache : torch.Tensor
+        ``[num_pages, page_size, num_kv_heads, head_size]``, q's dtype, any strides (e.g. a view of
+        vLLM's ``[num_blocks, 2, page_size, num_kv_heads, head_size]`` or SGLang's token pool).
+    block_table : torch.Tensor
+        int32 ``[>= num_seqs, max_pages_per_seq]``: page ``j`` of sequence ``i``.
+    plan : AttentionPlan
+        From ``plan_attention`` for this batch.
+    out : torch.Tensor
+        Like ``q``; rows of the batch's tokens are overwritten (padding rows are left alone).
+    softmax_scale : float
+        Multiplies ``q . k``.
+    causal : bool
+    window_size : (int, int)
+        ``(left, right)`` sliding window; -1 means unbounded.
+    softcap : float
+        If > 0, logits become ``softcap * tanh(logits / softcap)``.
+    sinks : torch.Tensor, optional
+        float32 ``[num_q_heads]``: ``exp(sinks[h])`` joins each row's softmax denominator.
+
+    Returns
+    -------
+    torch.Tensor
+        ``out``.
+    """
+    _check_inputs(q, k_cache, v_cache, block_table, plan, out, sinks)
+    if plan.num_seqs == 0:
+        return out
+    window_left, window_right = window_size
+    use_softcap = softcap > 0
+    flags = dict(USE_SOFTCAP=use_softcap, USE_SINKS=sinks is not None,
+                 K_DIM_CONTIGUOUS=k_cache.stride(3) == 1, V_DIM_CONTIGUOUS=v_cache.stride(3) == 1,
+                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    common = (q, k_cache, v_cache, block_table, plan.seq_lens, plan.query_start_loc, sinks,
+              float(softmax_scale), float(softcap) if use_softcap else 0.0, max(window_left, 0))
+    strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
+               *k_cache.stride(), *v_cache.stride())
+
+    if plan.num_decodes:
+        use_window = window_left >= 0
+        _launch_decode(
+            plan.decode_grid, out, plan.segment_out, plan.segment_lse, *common, plan.num_segments, *strides,
+            USE_WINDOW=use_window, **flags, **plan.decode_constexprs,
+        )
+        if plan.num_segments > 1:
+            _launch_reduce(
+                plan.reduce_grid, out, plan.segment_out, plan.segment_lse, plan.seq_lens, plan.query_start_loc, sinks,
+                max(window_left, 0), plan.num_segments, out.stride(0), out.stride(1),
+                USE_SINKS=sinks is not None, USE_WINDOW=use_window, **plan.reduce_constexprs,
+            )
+
+    num_prefills = plan.num_seqs - plan.num_decodes
+    if num_prefills:
+        block_q = plan.prefill_constexprs["BLOCK_Q"]
+        num_prefill_tokens = min(num_prefills * plan.max_seqlen_q, q.shape[0] - plan.num_decodes)
+        grid = (num_prefill_tokens // block_q + num_prefills, plan.num_kv_heads)
+        _launch_prefill(
+            grid, out, *common, max(window_right, 0), plan.num_decodes, plan.num_seqs, *strides,
+            CAUSAL=bool(causal), USE_WINDOW_LEFT=window_left >= 0, USE_WINDOW_RIGHT=window_right >= 0,
+            **flags, **plan.prefill_constexprs,
+        )
+    return out

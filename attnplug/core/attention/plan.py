@@ -1,0 +1,338 @@
+"""Once-per-batch planning for ``paged_attention``: split-KV decision, tile rules, workspace.
+
+The plan reads only host integers (never ``seq_lens`` or ``query_start_loc`` on the device), so
+planning never synchronises and can run inside CUDA-graph capture. The only split-KV decision on
+the host is ``num_segments``: the most KV segments any decode sequence is cut into. Each sequence
+derives its own segment length on the device from its own length, so short sequences use fewer
+segments (see ``kernels._decode_segment_layout``).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import triton
+
+# Decode (3D) kernel tile rule: KV tokens per loop step, the shortest segment in tiles, launch options.
+# Chosen on the H100 from a sweep of tile rules x segment counts over the decode grid
+# (benchmarks/results/paged_attention.md): with the right segment count, 64-token tiles in 3
+# stages came within ~1 % of the best rule on average; 128-token segments help tiny batches.
+DECODE_TILE_N = 64
+MIN_SEGMENT_TILES = 2  # no segment shorter than 128 tokens
+DECODE_NUM_WARPS = 4
+DECODE_NUM_STAGES = 3
+# Default split-KV heuristic (a wave model fitted to the H100 sweep): this many decode programs
+# stream concurrently per SM, and each costs about this many KV tokens' worth of fixed work.
+RESIDENT_PROGRAMS_PER_SM = 4
+SEGMENT_OVERHEAD_TOKENS = 64
+MAX_WAVES = 64
+SPLIT_COST_MARGIN = 0.02
+MAX_SEGMENTS_PER_SEQ = 128
+# Reduction: partial outputs merged per step.
+SEGMENT_BLOCK = 16
+# Prefill (2D) kernel tile rules.
+PREFILL_BLOCK_M = 64
+PREFILL_TILE_N = 64
+PREFILL_NUM_WARPS = 4
+PREFILL_NUM_STAGES = 3
+# Default workspace capacity in (sequence, segment) slots, beyond one slot per sequence.
+DEFAULT_MAX_TOTAL_SEGMENTS = 2048
+
+
+@dataclass(frozen=True)
+class SplitKVProblem:
+    """Host facts a split-KV policy decides from (all plain ints; nothing on the device).
+
+    Attributes
+    ----------
+    num_decodes : int
+        Decode sequences in the batch (one query token each).
+    max_seqlen_k : int
+        Longest KV length in the batch (an upper bound is fine).
+    num_q_heads, num_kv_heads, head_size, page_size : int
+        Head layout and KV page size.
+    num_sms : int
+        Streaming multiprocessors of the device.
+    min_segment_len : int
+        KV tokens below which the kernel never cuts a segment (a sequence of length ``n`` gets at
+        most ``ceil(n / min_segment_len)`` segments, whatever the policy says).
+    max_segments : int
+        The most segments per sequence the plan can honour (kernel limit and workspace capacity).
+    """
+
+    num_decodes: int
+    max_seqlen_k: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_size: int
+    page_size: int
+    num_sms: int
+    min_segment_len: int
+    max_segments: int
+
+
+SplitKVPolicy = Callable[[SplitKVProblem], Optional[int]]
+
+
+def default_split_kv_policy(problem: SplitKVProblem) -> int:
+    """The default number of KV segments per decode sequence.
+
+    A split-KV policy returns the **maximum number of KV segments each decode sequence is cut
+    into** (``1`` = no split: one program per (sequence, kv head), no reduction launch). The decode
+    grid is ``num_decodes x num_kv_heads x segments``; each sequence then splits its own KV into
+    ``min(segments, ceil(len / min_segment_len))`` near-equal segments on the device. Values are
+    clamped to ``[1, problem.max_segments]``; a policy may return None to defer to this default.
+
+    This default uses a wave model: ``RESIDENT_PROGRAMS_PER_SM * num_sms`` programs stream at a
+    time, and a wave costs one segment's length plus ``SEGMENT_OVERHEAD_TOKENS``. It picks the
+    segment count ``S`` that minimises ``waves(S) * (ceil(max_seqlen_k / S) + overhead)``, so small
+    batches split far (the GPU fills at any batch size, no threshold) and wave quantisation is
+    avoided (e.g. 24 x 8 programs on 132 SMs split 11 ways, not 3). Within one wave count, more
+    segments only shorten the wave, so only the largest ``S`` of each wave count is a candidate.
+    """
+    programs = max(problem.num_decodes * problem.num_kv_heads, 1)
+    slots = max(problem.num_sms * RESIDENT_PROGRAMS_PER_SM, 1)
+    longest = max(problem.max_seqlen_k, 1)
+    most = max(1, min(problem.max_segments, -(-longest // problem.min_segment_len)))
+    costs = {}  # segments -> modelled time
+    for waves in range(1, MAX_WAVES + 1):
+        segments = max(1, min(most, waves * slots // programs))
+        costs[segments] = -(-programs * segments // slots) * (-(-longest // segments) + SEGMENT_OVERHEAD_TOKENS)
+        if segments == most:
+            break
+    # fewest segments within a small margin of the best (less reduction work for no real gain)
+    good_enough = min(costs.values()) * (1 + SPLIT_COST_MARGIN)
+    return min(segments for segments, cost in costs.items() if cost <= good_enough)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_type: str, device_index: Optional[int]) -> int:
+    if device_type == "cuda":
+        index = torch.cuda.current_device() if device_index is None else device_index
+        return torch.cuda.get_device_properties(index).multi_processor_count
+    return 4  # CPU (Triton interpreter): small, so that tests see split and unsplit decode
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (cached per device; 4 stands in for a CPU)."""
+    return _num_sms(device.type, device.index)
+
+
+class AttentionWorkspace:
+    """Scratch for split-KV decode, allocated once for a maximum batch and reused by every plan.
+
+    Holds ``max_total_segments`` (sequence, segment) slots of partial outputs. With a workspace,
+    ``plan_attention`` and ``paged_attention`` allocate nothing (CUDA-graph capturable).
+
+    Attributes
+    ----------
+    segment_out : torch.Tensor
+        float32 ``[max_total_segments, num_q_heads, head_size]`` normalised partial outputs.
+    segment_lse : torch.Tensor
+        float32 ``[max_total_segments, num_q_heads]`` their log2-sum-exp.
+    max_num_seqs, max_num_tokens : int
+        Largest batch (sequences, query tokens) the owner promised to run with it.
+    """
+
+    def __init__(self, segment_out: torch.Tensor, segment_lse: torch.Tensor, max_num_seqs: int, max_num_tokens: int):
+        self.segment_out = segment_out
+        self.segment_lse = segment_lse
+        self.max_num_seqs = max_num_seqs
+        self.max_num_tokens = max_num_tokens
+
+    @property
+    def max_total_segments(self) -> int:
+        return self.segment_lse.shape[0]
+
+    @classmethod
+    def allocate(
+        cls,
+        max_num_seqs: int,
+        max_num_tokens: int,
+        num_q_heads: int,
+        head_size: int,
+        *,
+        device,
+        max_total_segments: Optional[int] = None,
+    ) -> "AttentionWorkspace":
+        """Allocate scratch for batches of up to ``max_num_seqs`` sequences / ``max_num_tokens`` tokens.
+
+        ``max_total_segments`` (default ``max_num_seqs + 2048``) bounds the memory:
+        ``max_total_segments * num_q_heads * (head_size + 1) * 4`` bytes. Plans clamp their
+        segments per sequence to ``max_total_segments // num_decodes``.
+        """
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_tokens", max_num_tokens),
+                            ("num_q_heads", num_q_heads), ("head_size", head_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if max_total_segments is None:
+            max_total_segments = max_num_seqs + DEFAULT_MAX_TOTAL_SEGMENTS
+        if max_total_segments < max_num_seqs:
+            raise ValueError(f"max_total_segments ({max_total_segments}) must be >= max_num_seqs ({max_num_seqs})")
+        segment_out = torch.empty(max_total_segments, num_q_heads, head_size, dtype=torch.float32, device=device)
+        segment_lse = torch.empty(max_total_segments, num_q_heads, dtype=torch.float32, device=device)
+        return cls(segment_out, segment_lse, max_num_seqs, max_num_tokens)
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Everything ``paged_attention`` needs that does not change from layer to layer.
+
+    Sequences ``[0, num_decodes)`` are decodes (3D split-KV kernel + reduction), the rest prefills
+    (2D kernel). Built by ``plan_attention``; treat it as opaque.
+    """
+
+    query_start_loc: torch.Tensor  # int32 [num_seqs + 1], device
+    seq_lens: torch.Tensor  # int32 [num_seqs], device
+    num_seqs: int
+    num_decodes: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_size: int
+    page_size: int
+    max_seqlen_q: int
+    max_seqlen_k: int
+    num_segments: int  # KV segments per decode sequence (1: no split, no reduction)
+    segment_out: Optional[torch.Tensor]  # float32 [>= num_decodes * num_segments, num_q_heads, head_size]
+    segment_lse: Optional[torch.Tensor]  # float32 [>= num_decodes * num_segments, num_q_heads]
+    max_num_tokens: Optional[int]  # from the workspace, checked against q
+    decode_grid: tuple
+    reduce_grid: tuple
+    decode_constexprs: dict
+    reduce_constexprs: dict
+    prefill_constexprs: dict
+
+    @property
+    def num_prefills(self) -> int:
+        return self.num_seqs - self.num_decodes
+
+
+def _check_positive(**values) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def plan_attention(
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    num_decodes: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    page_size: int,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    workspace: Optional[AttentionWorkspace] = None,
+    split_kv_policy: Optional[SplitKVPolicy] = None,
+) -> AttentionPlan:
+    """Plan one batch of paged attention (once per batch; reuse the plan for every layer).
+
+    Parameters
+    ----------
+    query_start_loc : torch.Tensor
+        int32 ``[num_seqs + 1]`` on the device: sequence ``i``'s query tokens are
+        ``q[query_start_loc[i]:query_start_loc[i + 1]]``.
+    seq_lens : torch.Tensor
+        int32 ``[num_seqs]`` on the device: KV length of each sequence (its queries included).
+    num_decodes : int
+        The first ``num_decodes`` sequences have exactly one query token each.
+    num_q_heads, num_kv_heads, head_size, page_size : int
+        Head layout (``num_q_heads`` a multiple of ``num_kv_heads``) and KV page size.
+    max_seqlen_q, max_seqlen_k : int
+        Host upper bounds of the query and KV lengths (read for sizing only, never for results).
+    workspace : AttentionWorkspace, optional
+        Preallocated scratch; without it the plan allocates its own.
+    split_kv_policy : callable, optional
+        ``policy(SplitKVProblem) -> int | None``: segments per decode sequence (see
+        ``default_split_kv_policy``); None from it means the default.
+
+    Returns
+    -------
+    AttentionPlan
+    """
+    if not isinstance(query_start_loc, torch.Tensor) or query_start_loc.dim() != 1 or query_start_loc.dtype != torch.int32:
+        raise TypeError("query_start_loc must be an int32 tensor [num_seqs + 1]")
+    if not isinstance(seq_lens, torch.Tensor) or seq_lens.dim() != 1 or seq_lens.dtype != torch.int32:
+        raise TypeError("seq_lens must be an int32 tensor [num_seqs]")
+    num_seqs = seq_lens.shape[0]
+    if query_start_loc.shape[0] != num_seqs + 1:
+        raise ValueError(f"query_start_loc has {query_start_loc.shape[0]} entries, expected num_seqs + 1 = {num_seqs + 1}")
+    if query_start_loc.device != seq_lens.device:
+        raise ValueError(f"query_start_loc is on {query_start_loc.device} but seq_lens on {seq_lens.device}")
+    _check_positive(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size, page_size=page_size,
+                    max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    if not isinstance(num_decodes, int) or not 0 <= num_decodes <= num_seqs:
+        raise ValueError(f"num_decodes must be an int in [0, num_seqs={num_seqs}], got {num_decodes!r}")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if workspace is not None:
+        if num_seqs > workspace.max_num_seqs:
+            raise ValueError(f"batch has {num_seqs} sequences but the workspace was allocated for "
+                             f"max_num_seqs={workspace.max_num_seqs}")
+        if workspace.segment_out.shape[1:] != (num_q_heads, head_size):
+            raise ValueError(f"workspace was allocated for (num_q_heads, head_size)="
+                             f"{tuple(workspace.segment_out.shape[1:])}, got ({num_q_heads}, {head_size})")
+        if workspace.segment_out.device != seq_lens.device:
+            raise ValueError(f"workspace is on {workspace.segment_out.device} but seq_lens on {seq_lens.device}")
+
+    max_num_tokens = workspace.max_num_tokens if workspace is not None else None
+    queries_per_kv = num_q_heads // num_kv_heads
+    head_pad = max(16, triton.next_power_of_2(head_size))
+    num_segments = 1
+    if num_decodes:
+        capacity = workspace.max_total_segments if workspace is not None else num_decodes * MAX_SEGMENTS_PER_SEQ
+        problem = SplitKVProblem(
+            num_decodes=num_decodes, max_seqlen_k=max_seqlen_k, num_q_heads=num_q_heads,
+            num_kv_heads=num_kv_heads, head_size=head_size, page_size=page_size,
+            num_sms=num_sms(seq_lens.device), min_segment_len=DECODE_TILE_N * MIN_SEGMENT_TILES,
+            max_segments=max(1, min(MAX_SEGMENTS_PER_SEQ, capacity // num_decodes)),
+        )
+        chosen = split_kv_policy(problem) if split_kv_policy is not None else None
+        if chosen is None:
+            chosen = default_split_kv_policy(problem)
+        if not isinstance(chosen, int) or isinstance(chosen, bool):
+            raise TypeError(f"split_kv_policy must return an int or None, got {chosen!r}")
+        num_segments = max(1, min(chosen, problem.max_segments))
+
+    segment_out = segment_lse = None
+    if num_segments > 1:
+        if workspace is None:
+            workspace = AttentionWorkspace.allocate(num_decodes, num_decodes, num_q_heads, head_size,
+                                                    device=seq_lens.device,
+                                                    max_total_segments=num_decodes * num_segments)
+        segment_out, segment_lse = workspace.segment_out, workspace.segment_lse
+
+    single_segment = num_segments == 1
+    decode_constexprs = dict(
+        NUM_Q_HEADS=num_q_heads, QUERIES_PER_KV=queries_per_kv, HEAD_SIZE=head_size, HEAD_PAD=head_pad,
+        BLOCK_M=max(16, triton.next_power_of_2(queries_per_kv)), PAGE_SIZE=page_size, TILE_N=DECODE_TILE_N,
+        MIN_SEGMENT_TILES=MIN_SEGMENT_TILES, SINGLE_SEGMENT=single_segment,
+        num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
+    )
+    segments_pad = triton.next_power_of_2(num_segments)
+    reduce_constexprs = dict(
+        NUM_Q_HEADS=num_q_heads, HEAD_SIZE=head_size, HEAD_PAD=head_pad, SEGMENTS_PAD=segments_pad,
+        SEGMENT_BLOCK=min(SEGMENT_BLOCK, segments_pad), TILE_N=DECODE_TILE_N, MIN_SEGMENT_TILES=MIN_SEGMENT_TILES,
+        num_warps=4,
+    )
+    prefill_block_m = max(PREFILL_BLOCK_M, triton.next_power_of_2(queries_per_kv))
+    prefill_constexprs = dict(
+        QUERIES_PER_KV=queries_per_kv, HEAD_SIZE=head_size, HEAD_PAD=head_pad, BLOCK_M=prefill_block_m,
+        BLOCK_Q=prefill_block_m // queries_per_kv, PAGE_SIZE=page_size, TILE_N=PREFILL_TILE_N,
+        num_warps=PREFILL_NUM_WARPS, num_stages=PREFILL_NUM_STAGES,
+    )
+    return AttentionPlan(
+        query_start_loc=query_start_loc, seq_lens=seq_lens, num_seqs=num_seqs, num_decodes=num_decodes,
+        num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size, page_size=page_size,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_segments=num_segments,
+        segment_out=segment_out, segment_lse=segment_lse,
+        max_num_tokens=max_num_tokens,
+        decode_grid=(num_segments, num_kv_heads, num_decodes), reduce_grid=(num_decodes, num_q_heads),
+        decode_constexprs=decode_constexprs, reduce_constexprs=reduce_constexprs,
+        prefill_constexprs=prefill_constexprs,
+    )
