@@ -1,8 +1,10 @@
-"""attnplug inside SGLang: the plugin entry point and the patches of SGLang's own backends."""
+"""attnplug inside SGLang: the plugin entry point, the attnplug backend and the patches of SGLang's backends."""
 
 from attnplug.adapters.enable import load_engine_plugin
 
 
 def register() -> None:
     """Entry point of the `sglang.srt.plugins` group: runs in every SGLang process."""
-    load_engine_plugin("sglang")
+    from attnplug.adapters.sglang.registration import register_attention_backend
+
+    load_engine_plugin("sglang", register_backend=register_attention_backend)
