@@ -1,4 +1,4 @@
-"""The ``attnplug`` console script: ``attnplug doctor [--json]``, ``attnplug docs [--check]``."""
+"""The ``attnplug`` console script: ``doctor [--json]``, ``bench``, ``docs [--check]``."""
 
 from __future__ import annotations
 
@@ -79,6 +79,23 @@ def _print_human(info: dict) -> None:
         print(f"  {p['id']:<{width}}  {p['versions']:<14} {status}")
 
 
+def _bench(args) -> int:
+    from attnplug.bench import BENCHMARKS, BenchError, run, summary
+
+    names = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown:
+        print(f"attnplug bench: unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    try:
+        failed = run(args.repo, args.out, names)
+    except BenchError as exc:
+        print(f"attnplug bench: {exc}", file=sys.stderr)
+        return 2
+    print(summary(args.out, names))
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attnplug", description=attnplug.__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -87,7 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     docs = commands.add_parser("docs", help="regenerate docs/patches.md and README's support matrix from the registry")
     docs.add_argument("--check", action="store_true", help="only report stale files (exit 1 if any)")
     docs.add_argument("--repo", type=Path, default=Path.cwd(), help="repository root (default: the current folder)")
+    bench = commands.add_parser("bench", help="run the GPU benchmarks (eager and CUDA graph, stock vs attnplug)")
+    bench.add_argument("--repo", type=Path, default=Path.cwd(), help="attnplug checkout (default: the current folder)")
+    bench.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where CSVs and plots go")
+    bench.add_argument("--only", default="metadata,copy,attention,step", help="comma list of benchmarks to run")
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return _bench(args)
     if args.command == "docs":
         from attnplug.adapters.docs import stale_docs, write_docs
 

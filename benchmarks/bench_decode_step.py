@@ -1,0 +1,135 @@
+"""A SIMULATED engine decode step: metadata update + plan + 32 attention layers, stock vs attnplug.
+
+This is not an engine: it runs, on one GPU, the attention-path work of one decode step of a
+32-layer model with Llama-3-8B's head layout (32 q heads, 8 kv heads, head 128), page 16, bf16:
+
+- stock:    the unfused torch decode-metadata sequence (SGLang's FA backend before PR 20778)
+            + 32 x vLLM 0.32's stock ``unified_attention`` (its own 3D/2D rule, 16 segments);
+- attnplug: ``fused_decode_metadata`` + ``plan_attention`` (host only) + 32 x ``paged_attention``.
+
+Both read the same KV pool (one pool shared by the 32 layers: every layer reads its full KV, as
+in a model), with the page table the metadata step just built. Reported per step: eager wall time
+(steps back to back; what a step costs when attention runs eagerly, e.g. under piecewise CUDA
+graphs) and CUDA-graph GPU time of the whole step. No model math (GEMMs, norms) is included.
+
+Run on a GPU from the repo root with ``.vendor/vllm_stock`` present (``benchmarks/fetch_stock.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_paged_attention as pa  # noqa: E402  (pool, stock wrapper, timing)
+
+from attnplug.core import AttentionWorkspace, fused_decode_metadata, paged_attention, plan_attention  # noqa: E402
+
+NUM_LAYERS = 32
+BATCHES = [1, 4, 16, 64, 128]
+CONTEXTS = [1024, 4096, 16384, 32768]
+MAX_CONTEXT = max(CONTEXTS)
+
+
+class Step:
+    """One batch's decode step inputs: requests' token slots laid out on the pool's shuffled pages."""
+
+    def __init__(self, pool: pa.KVPool, bs: int, ctx: int):
+        pages = triton.cdiv(ctx, pa.PAGE_SIZE)
+        block_table = pool.perm[: bs * pages].view(bs, pages).long()
+        slot_in_page = torch.arange(ctx, device=pa.DEVICE) % pa.PAGE_SIZE
+        tokens = block_table.repeat_interleave(pa.PAGE_SIZE, dim=1)[:, :ctx] * pa.PAGE_SIZE + slot_in_page
+        self.req_to_token = torch.zeros(bs, MAX_CONTEXT, dtype=torch.int32, device=pa.DEVICE)
+        self.req_to_token[:, :ctx] = tokens.to(torch.int32)
+        self.req_pool_indices = torch.arange(bs, device=pa.DEVICE)
+        self.seq_lens = torch.full((bs,), ctx, dtype=torch.int64, device=pa.DEVICE)
+        self.max_seq_pages = pages
+        self.cache_seqlens = torch.empty(bs, dtype=torch.int32, device=pa.DEVICE)
+        self.cu_seqlens_k = torch.zeros(bs + 1, dtype=torch.int32, device=pa.DEVICE)
+        self.cu_seqlens_q = torch.arange(bs + 1, dtype=torch.int32, device=pa.DEVICE)
+        self.page_table = torch.empty(bs, pages, dtype=torch.int32, device=pa.DEVICE)
+        self.strided_indices = torch.arange(0, MAX_CONTEXT, pa.PAGE_SIZE, device=pa.DEVICE)
+        self.q = torch.randn(bs, pa.NUM_Q_HEADS, pa.HEAD_SIZE, dtype=pa.DTYPE, device=pa.DEVICE)
+        self.out = torch.empty_like(self.q)
+        self.bs, self.ctx = bs, ctx
+
+    def unfused_metadata(self):
+        """SGLang's per-step torch sequence before PR 20778 (page size 16)."""
+        self.cache_seqlens.copy_(self.seq_lens)
+        self.cu_seqlens_k[1:].copy_(torch.cumsum(self.cache_seqlens, dim=0, dtype=torch.int32))
+        tokens = self.req_to_token[self.req_pool_indices[:, None], self.strided_indices[: self.max_seq_pages][None, :]]
+        self.page_table.copy_(tokens // pa.PAGE_SIZE)
+
+    def fused_metadata(self):
+        fused_decode_metadata(self.cache_seqlens, self.cu_seqlens_k, self.page_table, self.req_to_token,
+                              self.req_pool_indices, self.seq_lens, self.max_seq_pages, page_size=pa.PAGE_SIZE)
+
+
+def stock_step(pool, stock, step: Step):
+    def run():
+        step.unfused_metadata()
+        for _ in range(NUM_LAYERS):
+            stock.call(pool, step.q, step.out, step.cu_seqlens_q, 1, step.cache_seqlens, step.ctx, step.page_table)
+
+    return run
+
+
+def attnplug_step(pool, workspace, step: Step):
+    def run():
+        step.fused_metadata()
+        plan = plan_attention(step.cu_seqlens_q, step.cache_seqlens, num_decodes=step.bs, num_q_heads=pa.NUM_Q_HEADS,
+                              num_kv_heads=pa.NUM_KV_HEADS, head_size=pa.HEAD_SIZE, page_size=pa.PAGE_SIZE,
+                              max_seqlen_q=1, max_seqlen_k=step.ctx, workspace=workspace)
+        for _ in range(NUM_LAYERS):
+            paged_attention(step.q, pool.k, pool.v, step.page_table, plan, step.out, softmax_scale=pa.SCALE)
+
+    return run
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    print("SIMULATED engine decode step (32 layers, Llama-3-8B heads, page 16, bf16): not an engine run", flush=True)
+    pool = pa.KVPool(max(batches) * max(contexts))
+    stock = pa.Stock()
+    workspace = AttentionWorkspace.allocate(max(batches), max(batches), pa.NUM_Q_HEADS, pa.HEAD_SIZE, device=pa.DEVICE)
+    rows = []
+    for ctx in contexts:
+        for bs in batches:
+            step = Step(pool, bs, ctx)
+            results = {}
+            for name, run in (("stock", stock_step(pool, stock, step)), ("attnplug", attnplug_step(pool, workspace, step))):
+                run()
+                torch.cuda.synchronize()
+                reference = step.out.float().clone()
+                graph = pa.graph_us(run, rep=200)
+                eager = pa.eager_us(run, graph)
+                results[name] = (eager, graph, reference)
+            diff = (results["stock"][2] - results["attnplug"][2]).abs().max().item()
+            for name, (eager, graph, _) in results.items():
+                rows.append(dict(bs=bs, ctx=ctx, layers=NUM_LAYERS, impl=name, eager_step_us=round(eager, 1),
+                                 graph_step_us=round(graph, 1), max_abs_diff=f"{diff:.1e}"))
+            (se, sg, _), (ae, ag, _) = results["stock"], results["attnplug"]
+            print(f"step bs={bs:3d} ctx={ctx:5d}: eager stock {se:9.1f} attnplug {ae:9.1f} us ({se / ae:4.2f}x) | "
+                  f"graph stock {sg:9.1f} attnplug {ag:9.1f} us ({sg / ag:4.2f}x) | max|diff| {diff:.1e}", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "decode_step.csv")
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

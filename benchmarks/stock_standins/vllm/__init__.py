@@ -1,0 +1,1 @@
+"""Stand-in package: only what vLLM's triton_unified_attention.py imports (benchmark use only)."""
