@@ -91,6 +91,29 @@ def attnplug_step(pool, workspace, step: Step):
     return run
 
 
+def plot(rows: list[dict], path: str) -> None:
+    """Speed-up of a whole step (stock / attnplug) against batch size, one line per context."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for axis, column, title in ((axes[0], "eager_step_us", "eager"), (axes[1], "graph_step_us", "CUDA graph")):
+        for ctx in sorted({int(r["ctx"]) for r in rows}):
+            times = {(r["impl"], int(r["bs"])): float(r[column]) for r in rows if int(r["ctx"]) == ctx}
+            batches = sorted({bs for _, bs in times})
+            axis.plot(batches, [times["stock", bs] / times["attnplug", bs] for bs in batches], marker="o", label=f"ctx {ctx}")
+        axis.axhline(1.0, color="grey", linewidth=0.8)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("decode batch size")
+        axis.set_title(f"simulated 32-layer decode step, {title}")
+    axes[0].set_ylabel("speed-up over stock (x)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
@@ -128,7 +151,8 @@ def main():
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {path}", flush=True)
+    plot(rows, os.path.join(args.out, "decode_step.png"))
+    print(f"wrote {path} and decode_step.png", flush=True)
 
 
 if __name__ == "__main__":
