@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 TORCH_WHEEL_DIR ?= /opt/wheels
 
-.PHONY: setup test test-gpu doctor
+.PHONY: setup test test-gpu doctor demo
 
 setup: .venv/.done
 
@@ -25,3 +25,8 @@ test-gpu:
 
 doctor: setup
 	.venv/bin/attnplug doctor
+
+# The main job: real vLLM and SGLang servers with attnplug on this machine (no GPU, no model hub).
+demo: setup
+	.venv/bin/attnplug doctor
+	TRITON_INTERPRET=1 .venv/bin/python -m integration.demo
