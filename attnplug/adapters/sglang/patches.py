@@ -1,5 +1,110 @@
-"""Patches of SGLang's own attention backends, declared as data (see attnplug.adapters.patching.Patch)."""
+"""Patches of SGLang's own attention backends, declared as data (see attnplug.adapters.patching.Patch).
 
-from attnplug.adapters.patching import Patch
+Tested releases: 0.5.9 (the last before SGLang PR 20778 fused the decode metadata) and 0.5.23.
+Each patch declares only the releases where it has something to add; elsewhere it is skipped
+with the reason (and the support matrix says "upstream already has it" or "not applicable").
+"""
 
-PATCHES: list[Patch] = []  # filled in by the SGLang adapter work (issue 6)
+from attnplug.adapters.patching import Patch, Rebinding
+
+_FA = "sglang.srt.layers.attention.flashattention_backend"
+_NSA = "sglang.srt.layers.attention.nsa_backend"
+_TRITON = "sglang.srt.layers.attention.triton_backend"
+_REPLACEMENTS = "attnplug.adapters.sglang"
+
+NORMAL_DECODE_SET_METADATA_SIGNATURE = (
+    "cache_seqlens_int32", "cu_seqlens_k", "page_table", "req_to_token", "req_pool_indices", "strided_indices",
+    "max_seq_pages", "seq_lens", "seq_len_delta", "page_size", "swa_page_table", "token_to_kv_pool",
+)  # fmt: skip
+
+PATCHES: list[Patch] = [
+    Patch(
+        id="sglang.fa.decode_metadata",
+        engine="sglang",
+        rebinds=(
+            Rebinding(
+                targets=(f"{_FA}:normal_decode_set_metadata",),  # no other module imports it in 0.5.9
+                replacement=f"{_REPLACEMENTS}.fa_metadata:fused_normal_decode_set_metadata",
+                signature=NORMAL_DECODE_SET_METADATA_SIGNATURE,
+            ),
+            Rebinding(
+                targets=(f"{_FA}:FlashAttentionBackend.init_forward_metadata",),
+                replacement=f"{_REPLACEMENTS}.fa_metadata:fused_decode_init_forward_metadata",
+                signature=("self", "forward_batch"),
+            ),
+        ),
+        versions="==0.5.9.*",
+        upstream="SGLang PR 20778 (fused decode metadata, first released in 0.5.10)",
+        upstream_has_it=">=0.5.10",
+        why=(
+            "SGLang 0.5.9 builds each decode step's cache_seqlens / cu_seqlens_k / page table (and SWA page table) "
+            "with ~6-10 small torch ops, on the CUDA-graph replay path (normal_decode_set_metadata) and inline on the "
+            "eager path; attnplug writes the same values with one fused_decode_metadata launch. Not applied to "
+            "0.5.10+: upstream fused it (0.5.19+ also writes only each live prefix and takes page mappings, a "
+            "different contract)."
+        ),
+        remove_when="the oldest supported SGLang release is 0.5.10 or newer.",
+    ),
+    Patch(
+        id="sglang.fa.scheduler_metadata",
+        engine="sglang",
+        rebinds=(
+            Rebinding(
+                targets=(f"{_FA}:FlashAttentionBackend.init_forward_metadata",),
+                replacement=f"{_REPLACEMENTS}.fa_metadata:precomputed_scheduler_metadata",
+                signature=("self", "forward_batch"),
+            ),
+        ),
+        versions="==0.5.10.*",
+        upstream="SGLang PR 21104 with the sgl-kernel op of PR 21103 (superseding PR 20943), released in 0.5.11",
+        upstream_has_it=">=0.5.11",
+        why=(
+            "FA3 runs its prepare kernel in every layer unless scheduler_metadata is computed once per batch. "
+            "SGLang 0.5.11+ precompute it (eager and CUDA-graph paths); 0.5.9's sgl-kernel 0.3.21 exposes no "
+            "get_scheduler_metadata, so nothing can compute it there. Only 0.5.10 could have the gap (untested): "
+            "the replacement refuses to apply until a release with the gap is tested."
+        ),
+        remove_when="0.5.10 is no longer supported.",
+    ),
+    Patch(
+        id="sglang.spec.metadata_copy",
+        engine="sglang",
+        rebinds=(
+            Rebinding(
+                targets=(f"{_NSA}:NativeSparseAttnMultiStepBackend.init_forward_metadata_replay_cuda_graph",),
+                replacement=f"{_REPLACEMENTS}.spec_copy:fused_draft_metadata_copy",
+                signature=("self", "forward_batch", "bs"),
+            ),
+        ),
+        versions=">=0.5.7,<0.5.9",
+        upstream="SGLang PR 17554 (fused multi-backend metadata copy, released in 0.5.9)",
+        upstream_has_it=">=0.5.9",
+        why=(
+            "The NSA/DSA multi-step draft backend copies one precomputed batch metadata into each step's CUDA-graph "
+            "buffers; 0.5.9+ do it with SGLang's own fused copy kernel, and the FlashAttention and Triton multi-step "
+            "backends make no such copies. Only 0.5.7-0.5.8.post1 copy per tensor (untested): the replacement "
+            "refuses to apply there until one of them is tested."
+        ),
+        remove_when="0.5.8 is no longer supported.",
+    ),
+    Patch(
+        id="sglang.triton.kv_splits",
+        engine="sglang",
+        rebinds=(
+            Rebinding(
+                targets=(f"{_TRITON}:TritonAttnBackend.get_num_kv_splits",),
+                replacement=f"{_REPLACEMENTS}.triton_splits:planned_get_num_kv_splits",
+                signature=("self", "num_kv_splits", "seq_lens", "uneven_batch"),
+            ),
+        ),
+        versions="==0.5.23",
+        upstream="none (SGLang's own heuristic, get_num_kv_splits_triton)",
+        why=(
+            "The Triton backend launches a heuristic kernel every decode step to size its split-KV decode; attnplug "
+            "plans the split once per batch size with its split-KV policy (pluggable through the attnplug_split_kv "
+            "hook) and fills it with one fill_. 0.5.9 has the same heuristic under another signature "
+            "(no uneven_batch), which this declaration does not cover."
+        ),
+        remove_when="SGLang sizes its decode split with an equivalent plan.",
+    ),
+]

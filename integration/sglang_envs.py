@@ -1,0 +1,59 @@
+"""The SGLang venvs the adapter tests run in: 0.5.23 (newest) and 0.5.9 (last release before the
+fused decode-metadata kernel of SGLang PR 20778).
+
+0.5.23's spec is the live-server helper's (``integration/sglang_server.py``) when that module
+defines one, so both test files share one cached venv; this file defines its own otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from integration import harness
+
+OLD_VERSION = "0.5.9"  # last release with the unfused decode metadata (0.5.10 has PR 20778)
+NEW_VERSION = "0.5.23"
+
+# Test-only stand-ins for sgl_kernel's CUDA library on CPU, first on PYTHONPATH inside the checks:
+# 0.5.23's (the live-server one) and 0.5.9's (which imports sgl_kernel.kvcacheio at module level).
+SGL_KERNEL_STAND_IN_DIRS = {
+    OLD_VERSION: harness.INTEGRATION_DIR / "shims" / "sgl_kernel_stub",
+    NEW_VERSION: harness.INTEGRATION_DIR / "shims" / "sgl_kernel_cpu",
+}
+
+SGLANG_0_5_9_VENV = harness.VenvSpec(
+    name=f"sglang-{OLD_VERSION}",
+    torch="torch==2.9.1",  # sglang 0.5.9's pin (the CUDA build: it imports fine without a GPU)
+    # numpy < 2.4: 0.5.9's triton 3.5.1 interpreter (TRITON_INTERPRET=1) calls int() on 1-element
+    # arrays, which numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars").
+    requirements=(f"sglang=={OLD_VERSION}", "numpy<2.4", "pluggy>=1.3", "pytest"),
+    # Importing the attention backends needs the sgl_kernel stand-in on PYTHONPATH (not so here):
+    # the real sgl_kernel 0.3.21 fails without libcuda.so.1.
+    smoke_imports=("transformers.models.llama", "sglang.srt.layers.attention.attention_registry"),
+)
+
+
+def _new_venv_spec() -> harness.VenvSpec:
+    try:
+        from integration import sglang_server
+    except ImportError:
+        sglang_server = None
+    spec = getattr(sglang_server, "SGLANG_VENV", None)
+    if isinstance(spec, harness.VenvSpec):
+        return spec
+    return harness.VenvSpec(
+        name=f"sglang-{NEW_VERSION}",
+        torch="torch==2.14.1",
+        requirements=(f"sglang=={NEW_VERSION}", "pluggy>=1.3", "pytest"),
+        smoke_imports=("sglang.srt.layers.attention.triton_backend",),
+    )
+
+
+SGLANG_0_5_23_VENV = _new_venv_spec()
+
+VENVS: dict[str, harness.VenvSpec] = {OLD_VERSION: SGLANG_0_5_9_VENV, NEW_VERSION: SGLANG_0_5_23_VENV}
+
+
+def ensure_sglang_venv(version: str) -> Path:
+    """Python of the cached venv for an SGLang release in :data:`VENVS` (built on first use)."""
+    return harness.ensure_venv(VENVS[version])
