@@ -1,0 +1,363 @@
+"""SGLang attention backend ``attnplug``: attnplug's plan and paged-attention kernels over SGLang's KV pool.
+
+Selected with ``--attention-backend attnplug`` (registered by ``registration.py``). Per batch,
+``init_forward_metadata`` fills the lengths and the page table in one launch
+(``fused_decode_metadata``) and plans once (``plan_attention`` into a workspace this backend
+owns); per layer, ``forward_decode`` / ``forward_extend`` write the new K/V through SGLang's own
+``token_to_kv_pool.set_kv_buffer`` and run ``paged_attention`` over the token pool viewed as pages
+(``[num_tokens, H, D]`` -> ``[num_tokens / page_size, page_size, H, D]``, no copy).
+
+Extend and mixed batches need nothing special: each sequence's ``extend_seq_len`` new tokens are
+the last queries of its ``prefix + extend`` KV tokens, which is ``paged_attention``'s semantics.
+Layers and batches the kernels do not cover (cross attention, encoder-only or bidirectional
+layers, quantized KV cache, encoder-decoder batches, ...) run SGLang's ``torch_native`` backend,
+with one log line per reason; set-ups with no fallback (MLA, hybrid SWA or unified KV pools, DCP,
+speculative decoding) are refused at construction.
+
+CUDA graphs (0.5.23 contract): decode batches only. ``init_forward_metadata_out_graph`` plans
+once per captured batch size at capture (``max_seqlen_k`` = the context length, an upper bound:
+the decode kernel cuts each sequence's KV by its own device-side length) and, before each replay,
+refills the persistent lengths / page table that the captured kernels read. Nothing is recorded by
+``init_forward_metadata_in_graph``: the page-table width is a host int that changes between
+replays. Other graph modes raise ``NotImplementedError``.
+
+This module imports SGLang: it is loaded only inside SGLang, by the registered factory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from sglang.srt.layers.radix_attention import AttentionType
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+
+from attnplug import ops
+from attnplug._log import logger
+
+GRAPH_SEQ_LEN_FILL_VALUE = 1  # padded graph lanes: one token of the req_to_token padding row
+SERVED_MODES = (ForwardMode.DECODE, ForwardMode.EXTEND, ForwardMode.MIXED)
+
+
+@dataclass
+class AttnplugForwardMetadata:
+    """One batch's metadata, shared by every layer.
+
+    plan: ``AttentionPlan`` (None for an idle batch or when the batch falls back).
+    block_table: int32 ``[>= bs, pages]`` page ids of each sequence (None likewise).
+    fallback: why the whole batch runs SGLang's ``torch_native`` backend (None: attnplug serves it).
+    """
+
+    plan: object = None
+    block_table: torch.Tensor | None = None
+    fallback: str | None = None
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def unsupported_setup(model_runner) -> str | None:
+    """Why this model / KV pool cannot be served at all (None: it can)."""
+    from sglang.srt.configs.model_config import AttentionArch
+    from sglang.srt.runtime_context import get_parallel
+
+    pool = model_runner.token_to_kv_pool
+    if model_runner.model_config.attention_arch == AttentionArch.MLA:
+        return "MLA models"
+    if type(pool) is not MHATokenToKVPool:
+        return f"KV pool {type(pool).__name__} (only an unquantized MHATokenToKVPool)"
+    translator = getattr(model_runner, "kv_index_translator", None)
+    if translator is not None and translator.reads_are_translated:
+        return "a unified (virtually addressed) KV pool"
+    if get_parallel().attn_dcp_size > 1:
+        return "decode context parallelism (DCP)"
+    spec = getattr(model_runner, "spec_algorithm", None)
+    if spec is not None and not spec.is_none():
+        return f"speculative decoding ({spec})"
+    page_size = getattr(model_runner, "page_size", 1) or 1
+    if page_size & (page_size - 1):
+        return f"page size {page_size} (a power of two is needed)"
+    k_buffer = pool.get_key_buffer(pool.start_layer)
+    if k_buffer.dim() != 3 or k_buffer.shape[0] % page_size:
+        return f"KV buffer of shape {tuple(k_buffer.shape)} (need token-major [num_tokens, heads, head_dim])"
+    return None
+
+
+_fallbacks_logged: set[str] = set()
+
+
+def log_fallback_once(reason: str) -> None:
+    """One log line per reason per process when attnplug hands a call to SGLang's torch_native backend."""
+    if reason not in _fallbacks_logged:
+        _fallbacks_logged.add(reason)
+        logger.info("attnplug SGLang backend falls back to SGLang's torch_native attention for %s", reason)
+
+
+class AttnplugAttnBackend(AttentionBackend):
+    """``--attention-backend attnplug``: fused decode metadata, one plan per batch, split-launch paged attention."""
+
+    needs_cpu_seq_lens = True  # host maxima size the page table and the plan
+
+    def __init__(self, model_runner):
+        super().__init__()
+        from sglang.srt.runtime_context import get_parallel
+
+        from attnplug.core import AttentionWorkspace
+
+        reason = unsupported_setup(model_runner)
+        if reason is not None:
+            raise ValueError(f"--attention-backend attnplug does not support {reason}; use another attention backend")
+        self.device = model_runner.device
+        self.req_to_token_pool = model_runner.req_to_token_pool
+        self.token_to_kv_pool = model_runner.token_to_kv_pool
+        self.req_to_token = model_runner.req_to_token_pool.req_to_token
+        self.kv_index_translator = getattr(model_runner, "kv_index_translator", None)
+        self.page_size = getattr(model_runner, "page_size", 1) or 1
+        self.max_context_len = self.req_to_token.shape[1]
+        self.num_kv_heads = self.token_to_kv_pool.head_num
+        self.head_dim = self.token_to_kv_pool.head_dim
+        self.num_q_heads = model_runner.model_config.get_max_num_attention_heads() // get_parallel().attn_tp_size
+        self.fallback_backend = TorchNativeAttnBackend(model_runner)
+
+        max_seqs = self.req_to_token.shape[0]  # req_to_token rows (padding row included)
+        max_tokens = max(getattr(model_runner, "max_total_num_tokens", 0) or 0, self.token_to_kv_pool.size)
+        self.workspace = AttentionWorkspace.allocate(
+            max_seqs, max_tokens, self.num_q_heads, self.head_dim, device=self.device
+        )
+        index = {"dtype": torch.int32, "device": self.device}
+        self.seq_lens_i32 = torch.zeros(max_seqs, **index)
+        self.cu_seqlens_k = torch.zeros(max_seqs + 1, **index)
+        self.decode_query_start_loc = torch.arange(max_seqs + 1, **index)
+        self.extend_query_start_loc = torch.zeros(max_seqs + 1, **index)  # [0] stays 0
+        self.graph = None  # GraphBuffers after init_cuda_graph_state
+
+        self._fused_decode_metadata = ops.resolve("fused_decode_metadata")
+        self._plan_attention = ops.resolve("plan_attention")
+        self._paged_attention = ops.resolve("paged_attention")
+        self._modes_served: set[ForwardMode] = set()  # for one log line per mode
+        self._layer_fallback: dict[int, str | None] = {}
+        self._paged_views: dict[int, tuple] = {}  # layer_id -> (k buffer, k pages, v pages)
+        self._sinks_f32: dict[int, tuple] = {}  # layer_id -> (sinks, float32 copy)
+        self.forward_metadata = AttnplugForwardMetadata()
+
+    # ------------------------------------------------------------------ per batch (eager)
+
+    def init_forward_metadata(self, forward_batch: ForwardBatch):
+        """Page table, lengths and the plan of one batch: once per batch, never per layer."""
+        self.fallback_backend.init_forward_metadata(forward_batch)
+        mode = forward_batch.forward_mode
+        if mode.is_idle() or forward_batch.batch_size == 0:
+            self.forward_metadata = AttnplugForwardMetadata()
+            return
+        reason = self._batch_fallback(forward_batch)
+        if reason is not None:
+            log_fallback_once(reason)
+            self.forward_metadata = AttnplugForwardMetadata(fallback=reason)
+            return
+        bs = forward_batch.batch_size
+        max_seqlen_k = self._max_seq_len(forward_batch)
+        pages = _cdiv(max_seqlen_k, self.page_size)
+        block_table = torch.empty((bs, pages), dtype=torch.int32, device=self.device)
+        self._fused_decode_metadata(
+            self.seq_lens_i32[:bs], self.cu_seqlens_k[: bs + 1], block_table, self.req_to_token,
+            forward_batch.req_pool_indices, forward_batch.seq_lens, pages, page_size=self.page_size,
+        )
+        if mode.is_decode():
+            query_start_loc, num_decodes, max_seqlen_q = self.decode_query_start_loc[: bs + 1], bs, 1
+        else:  # EXTEND / MIXED: sequence i's queries are its extend_seq_lens[i] newest tokens
+            query_start_loc = self.extend_query_start_loc[: bs + 1]
+            torch.cumsum(forward_batch.extend_seq_lens, dim=0, dtype=torch.int32, out=query_start_loc[1:])
+            extend_lens = [int(n) for n in forward_batch.extend_seq_lens_cpu]
+            max_seqlen_q = max(extend_lens)
+            num_decodes = next((i for i, n in enumerate(extend_lens) if n != 1), bs)  # leading one-token rows
+        plan = self._plan_attention(
+            query_start_loc, self.seq_lens_i32[:bs], num_decodes=num_decodes,
+            num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads, head_size=self.head_dim,
+            page_size=self.page_size, max_seqlen_q=max(max_seqlen_q, 1), max_seqlen_k=max(max_seqlen_k, 1),
+            workspace=self.workspace,
+        )
+        self.forward_metadata = AttnplugForwardMetadata(plan=plan, block_table=block_table)
+        if mode not in self._modes_served:
+            self._modes_served.add(mode)
+            logger.info("attnplug SGLang backend serves its first %s batch (%d sequences)", mode.name, bs)
+
+    def _batch_fallback(self, forward_batch: ForwardBatch) -> str | None:
+        mode = forward_batch.forward_mode
+        if mode not in SERVED_MODES:
+            return f"{mode.name} batches"
+        if forward_batch.encoder_lens is not None:
+            return "encoder-decoder batches"
+        if forward_batch.spec_info is not None:
+            return "speculative-decoding batches"
+        return None
+
+    def _max_seq_len(self, forward_batch: ForwardBatch) -> int:
+        """Host upper bound of the batch's KV lengths (the context length when the host copy is missing)."""
+        seq_lens_cpu = forward_batch.seq_lens_cpu
+        if seq_lens_cpu is None or seq_lens_cpu.numel() == 0:
+            return self.max_context_len
+        return int(seq_lens_cpu.max())
+
+    # ------------------------------------------------------------------ CUDA graphs (decode)
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        from sglang.srt.environ import envs
+
+        from attnplug.core import AttentionWorkspace
+
+        if envs.SGLANG_ENABLE_METADATA_GLUE_GRAPH.get():
+            raise NotImplementedError(
+                "--attention-backend attnplug refills its decode page table before each replay with a host-sized "
+                "launch, which SGLANG_ENABLE_METADATA_GLUE_GRAPH would freeze; unset it"
+            )
+        if max_bs > self.workspace.max_num_seqs or max_num_tokens > self.workspace.max_num_tokens:
+            self.workspace = AttentionWorkspace.allocate(
+                max(max_bs, self.workspace.max_num_seqs), max(max_num_tokens, self.workspace.max_num_tokens),
+                self.num_q_heads, self.head_dim, device=self.device,
+            )
+        index = {"dtype": torch.int32, "device": self.device}
+        self.graph = GraphBuffers(
+            seq_lens_i32=torch.full((max_bs,), GRAPH_SEQ_LEN_FILL_VALUE, **index),
+            cu_seqlens_k=torch.zeros(max_bs + 1, **index),
+            page_table=torch.zeros((max_bs, _cdiv(self.max_context_len, self.page_size)), **index),
+            query_start_loc=torch.arange(max_bs + 1, **index),
+        )
+
+    def get_cuda_graph_seq_len_fill_value(self):
+        return GRAPH_SEQ_LEN_FILL_VALUE
+
+    def init_forward_metadata_out_graph(self, forward_batch: ForwardBatch, in_capture: bool = False):
+        """Capture: plan this batch size once into the graph buffers. Replay: refill those buffers."""
+        if self.graph is None:
+            raise RuntimeError("init_forward_metadata_out_graph before init_cuda_graph_state")
+        mode = forward_batch.forward_mode
+        if not mode.is_decode() or forward_batch.spec_info is not None or forward_batch.encoder_lens is not None:
+            raise NotImplementedError(
+                f"--attention-backend attnplug captures CUDA graphs of plain decode batches only, not {mode.name}; "
+                "disable the other graph runners (e.g. prefill CUDA graphs) with this backend"
+            )
+        bs = forward_batch.batch_size
+        graph = self.graph
+        if in_capture:
+            plan = self._plan_attention(
+                graph.query_start_loc[: bs + 1], graph.seq_lens_i32[:bs], num_decodes=bs,
+                num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads, head_size=self.head_dim,
+                page_size=self.page_size, max_seqlen_q=1, max_seqlen_k=self.max_context_len,
+                workspace=self.workspace,
+            )
+            graph.metadata[bs] = AttnplugForwardMetadata(plan=plan, block_table=graph.page_table[:bs])
+        max_seqlen_k = self._max_seq_len(forward_batch)
+        self._fused_decode_metadata(
+            graph.seq_lens_i32[:bs], graph.cu_seqlens_k[: bs + 1], graph.page_table, self.req_to_token,
+            forward_batch.req_pool_indices[:bs], forward_batch.seq_lens[:bs],
+            _cdiv(max_seqlen_k, self.page_size), page_size=self.page_size,
+        )
+        self.forward_metadata = graph.metadata[bs]
+
+    def init_forward_metadata_in_graph(self, forward_batch: ForwardBatch):
+        """Nothing to record: out_graph refills the buffers the captured kernels read."""
+
+    # ------------------------------------------------------------------ per layer
+
+    def forward_decode(self, q, k, v, layer, forward_batch: ForwardBatch, save_kv_cache=True, sinks=None, **kwargs):
+        return self._forward(q, k, v, layer, forward_batch, save_kv_cache, sinks, kwargs,
+                             self.fallback_backend.forward_decode)
+
+    def forward_extend(self, q, k, v, layer, forward_batch: ForwardBatch, save_kv_cache=True, sinks=None, **kwargs):
+        return self._forward(q, k, v, layer, forward_batch, save_kv_cache, sinks, kwargs,
+                             self.fallback_backend.forward_extend)
+
+    def _forward(self, q, k, v, layer, forward_batch, save_kv_cache, sinks, kwargs, fallback):
+        extra = sorted(name for name, value in kwargs.items() if value is not None and value is not False)
+        if extra:
+            raise NotImplementedError(f"--attention-backend attnplug does not support attention arguments {extra}")
+        metadata = self.forward_metadata
+        reason = metadata.fallback or self._layer_reason(layer)
+        if reason is not None:
+            if sinks is not None:
+                raise NotImplementedError(f"--attention-backend attnplug: no fallback with attention sinks for {reason}")
+            log_fallback_once(reason)
+            return fallback(q, k, v, layer, forward_batch, save_kv_cache)
+
+        q = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        out = torch.empty_like(q)
+        if save_kv_cache and k is not None and v is not None:
+            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc.for_batch(forward_batch), k, v)
+        k_pages, v_pages = self._pages(layer.layer_id)
+        window = layer.sliding_window_size
+        self._paged_attention(
+            q, k_pages, v_pages, metadata.block_table, metadata.plan, out,
+            softmax_scale=layer.scaling,
+            causal=True,
+            window_size=(window, -1) if window is not None and window > -1 else (-1, -1),
+            softcap=layer.logit_cap if layer.logit_cap and layer.logit_cap > 0 else 0.0,
+            sinks=self._sinks(layer.layer_id, sinks),
+        )
+        return out.view(-1, layer.tp_q_head_num * layer.v_head_dim)
+
+    def _layer_reason(self, layer) -> str | None:
+        """Why attnplug's kernels do not serve this layer (None: they do); decided once per layer."""
+        layer_id = layer.layer_id
+        if layer_id not in self._layer_fallback:
+            self._layer_fallback[layer_id] = self._unsupported_layer(layer)
+        return self._layer_fallback[layer_id]
+
+    def _unsupported_layer(self, layer) -> str | None:
+        if layer.is_cross_attention:
+            return "cross-attention layers"
+        if layer.attn_type != AttentionType.DECODER:
+            return f"{layer.attn_type.value} layers (not causal)"
+        if layer.qk_head_dim != layer.v_head_dim:
+            return "layers with different K and V head sizes"
+        if (layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim) != (
+            self.num_q_heads, self.num_kv_heads, self.head_dim
+        ):
+            return "layers whose head layout differs from the model's"
+        if getattr(layer, "use_irope", False):
+            return "chunked local attention (iRoPE) layers"
+        if layer.logit_cap and layer.logit_cap > 0 and layer.logit_capping_method != "tanh":
+            return f"logit capping method {layer.logit_capping_method!r}"
+        if getattr(layer, "xai_temperature_len", -1) > 0:
+            return "xAI temperature scaling"
+        if layer.k_scale is not None or layer.v_scale is not None:
+            return "scaled (quantized) KV cache"
+        k_buffer = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        if k_buffer.dtype != self.token_to_kv_pool.get_value_buffer(layer.layer_id).dtype or (
+            k_buffer.dtype not in (torch.float16, torch.bfloat16, torch.float32)
+        ):
+            return f"KV cache dtype {k_buffer.dtype}"
+        return None
+
+    def _pages(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's ``[num_tokens, H, D]`` K and V buffers as ``[num_pages, page_size, H, D]`` views."""
+        k_buffer = self.token_to_kv_pool.get_key_buffer(layer_id)
+        cached = self._paged_views.get(layer_id)
+        if cached is None or cached[0] is not k_buffer:
+            v_buffer = self.token_to_kv_pool.get_value_buffer(layer_id)
+            cached = (k_buffer, k_buffer.unflatten(0, (-1, self.page_size)), v_buffer.unflatten(0, (-1, self.page_size)))
+            self._paged_views[layer_id] = cached
+        return cached[1], cached[2]
+
+    def _sinks(self, layer_id: int, sinks: torch.Tensor | None) -> torch.Tensor | None:
+        """``sinks`` as the float32 ``[num_q_heads]`` the kernels take (converted once per layer)."""
+        if sinks is None or sinks.dtype == torch.float32:
+            return sinks
+        cached = self._sinks_f32.get(layer_id)
+        if cached is None or cached[0] is not sinks:
+            cached = self._sinks_f32[layer_id] = (sinks, sinks.to(torch.float32))
+        return cached[1]
+
+
+@dataclass
+class GraphBuffers:
+    """Persistent tensors the captured decode kernels read (sized for the largest graph batch)."""
+
+    seq_lens_i32: torch.Tensor  # int32 [max_bs]
+    cu_seqlens_k: torch.Tensor  # int32 [max_bs + 1]
+    page_table: torch.Tensor  # int32 [max_bs, max_context_len / page_size]
+    query_start_loc: torch.Tensor  # int32 arange [max_bs + 1]
+    metadata: dict = field(default_factory=dict)  # captured batch size -> AttnplugForwardMetadata

@@ -1,0 +1,255 @@
+"""Live SGLang 0.5.23 CPU servers: the ``attnplug`` attention backend must give the stock backends' greedy tokens.
+
+Each server configuration (:class:`SglangConfig`: attention backend, extra env, extra CLI args) is
+started ONCE per module by :class:`LiveServers`, runs the whole workload (a batched completion
+request, a chat request and, for configs in ``CONCURRENCY_CONFIGS``, 16 concurrent + 16
+sequential requests), is stopped, and its :class:`ServerRun` is cached. Tests take a run through
+the indirectly parametrized ``server`` fixture::
+
+    @pytest.mark.parametrize("server", [MY_CONFIG], indirect=True, ids=label)
+    def test_something(server, live_servers): ...
+
+The reference is SGLang's Triton backend with attnplug's plugin not loaded (``SGLANG_PLUGINS``
+names another plugin); to add a backend to the differential test, append its config to
+``SAME_TOKENS_AS_STOCK``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from integration import harness, sglang_server
+from integration.sglang_server import ATTNPLUG_PLUGIN, SglangConfig, serve
+
+pytestmark = pytest.mark.live
+
+MAX_TOKENS = 16
+PROMPTS = (
+    "The quick brown fox",
+    "Attention kernels read the key and value cache",
+    "def add(a, b):",
+    # ~100 tokens: a long prefill, then decodes past a 64-token kernel tile
+    (
+        "One, two, three, four, five, six, seven, eight, nine, ten. The capital of France is Paris; "
+        "the capital of Japan is Tokyo. A paged KV cache stores tokens in fixed-size blocks. "
+        "Speculative decoding drafts several tokens and verifies them at once. Hello, my name is Ada "
+        "and I like numbers, graphs and tea. The quick brown fox jumps over the lazy dog."
+    ),
+    "Hello, my name is",
+)
+CHAT_MESSAGES = ({"role": "user", "content": "Speculative decoding drafts several tokens. Explain."},)
+# Shared prefixes: later requests extend radix-cached prefixes (extend batches with a prefix).
+CONCURRENT_PROMPTS = tuple(f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(16))
+RUNNING, LATE = 3, 1  # the long prompt keeps decoding while CONCURRENT_PROMPTS[1] arrives
+NUM_LAYERS = 2  # integration/tiny_model.py
+
+NO_ATTNPLUG = {"SGLANG_PLUGINS": "no-such-plugin"}  # loads no plugin at all: stock SGLang
+STOCK_TRITON = SglangConfig.make("triton", "triton", env=NO_ATTNPLUG)
+TORCH_NATIVE_DISABLED = SglangConfig.make(
+    "torch_native-disabled", "torch_native", env={"ATTNPLUG_DISABLE": "1", "ATTNPLUG_PATCHES": "all"}, report=True
+)
+# Mixed chunks: a request that arrives while others decode is prefilled in one batch with their decodes.
+ATTNPLUG = SglangConfig.make("attnplug", "attnplug", env={"SGLANG_PLUGINS": ATTNPLUG_PLUGIN},
+                             args=("--enable-mixed-chunk",), report=True)
+BOGUS_PATCH = SglangConfig.make("bogus-patch", "attnplug", env={"ATTNPLUG_PATCHES": "bogus"})
+
+SAME_TOKENS_AS_STOCK = [TORCH_NATIVE_DISABLED, ATTNPLUG]
+CONCURRENCY_CONFIGS = {ATTNPLUG}
+
+
+def label(config: SglangConfig) -> str:
+    return config.label
+
+
+@dataclass
+class ServerRun:
+    """Everything one server start produced."""
+
+    config: SglangConfig
+    completions: list[harness.Generation]  # PROMPTS in one request
+    chat: harness.Generation  # CHAT_MESSAGES
+    concurrent: list[harness.Generation] | None  # CONCURRENT_PROMPTS, all in flight at once
+    sequential: list[harness.Generation] | None  # CONCURRENT_PROMPTS, one after the other
+    # (PROMPTS[RUNNING] streamed, CONCURRENT_PROMPTS[LATE] sent once the first is decoding): a MIXED batch
+    while_decoding: tuple[harness.Generation, harness.Generation] | None
+    reports: list[dict]  # attnplug's per-process reports (config.report)
+    log: str  # the server's whole log, read after it stopped
+    start_s: float
+    workload_s: float
+
+
+class LiveServers:
+    """Starts each configuration once, runs the workload, stops it, and caches the run (or its error)."""
+
+    def __init__(self, python: Path, model_dir: Path, workdir: Path):
+        self.python = python
+        self.model_dir = model_dir
+        self.workdir = workdir
+        self._runs: dict[SglangConfig, ServerRun | Exception] = {}
+
+    def run(self, config: SglangConfig) -> ServerRun:
+        if config not in self._runs:
+            try:
+                self._runs[config] = self._start_and_run(config)
+            except Exception as error:  # noqa: BLE001 -- cached: later tests of this config fail fast, no restart
+                self._runs[config] = error
+        result = self._runs[config]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def start_error(self, config: SglangConfig) -> harness.ServerStartError:
+        """The start-up failure of a configuration that must not come up (its ``.log`` has the whole log)."""
+        try:
+            self.run(config)
+        except harness.ServerStartError as error:
+            return error
+        raise AssertionError(f"sglang[{config.label}] started, but it was expected to fail at start-up")
+
+    def _start_and_run(self, config: SglangConfig) -> ServerRun:
+        workdir = self.workdir / config.label
+        with serve(config, python=self.python, model_dir=self.model_dir, workdir=workdir) as server:
+            try:
+                run = self._workload(config, server)
+            except Exception as error:
+                raise RuntimeError(
+                    f"sglang[{config.label}] workload failed: {error}\n"
+                    f"tail of {server.log_path}:\n{harness.tail(server.log_path)}"
+                ) from error
+        run.log = server.log_text()
+        return run
+
+    @staticmethod
+    def _workload(config: SglangConfig, server: harness.RunningServer) -> ServerRun:
+        model = server.info["model"]
+        started = time.monotonic()
+        completions = harness.complete(server, model, PROMPTS, max_tokens=MAX_TOKENS)
+        chat = sglang_server.chat(server, model, CHAT_MESSAGES, max_tokens=MAX_TOKENS)
+        concurrent = sequential = while_decoding = None
+        if config in CONCURRENCY_CONFIGS:
+            concurrent = harness.complete_concurrently(server, model, CONCURRENT_PROMPTS, max_tokens=MAX_TOKENS)
+            sequential = harness.complete_sequentially(server, model, CONCURRENT_PROMPTS, max_tokens=MAX_TOKENS)
+            while_decoding = sglang_server.complete_while_decoding(
+                server, model, PROMPTS[RUNNING], CONCURRENT_PROMPTS[LATE], max_tokens=MAX_TOKENS
+            )
+        workload_s = time.monotonic() - started
+        harness.log(f"sglang[{config.label}] workload done in {workload_s:.1f} s")
+        report_dir = server.info["report_dir"]
+        reports = harness.wait_for_reports(report_dir, since=time.time()) if report_dir is not None else []
+        return ServerRun(config, completions, chat, concurrent, sequential, while_decoding, reports, log="",
+                         start_s=server.started_in_s, workload_s=workload_s)
+
+
+@pytest.fixture(scope="module")
+def sglang_python() -> Path:
+    """Python of the cached sglang 0.5.23 venv (built on first use, with attnplug editable)."""
+    return harness.ensure_venv(sglang_server.SGLANG_VENV)
+
+
+@pytest.fixture(scope="module")
+def sglang_tiny_model(sglang_python: Path) -> Path:
+    """Directory of the tiny random Llama (head_dim 32) + tokenizer, built once into the cache."""
+    return harness.ensure_tiny_model(sglang_python, head_dim=32)
+
+
+@pytest.fixture(scope="module")
+def live_servers(sglang_python: Path, sglang_tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> LiveServers:
+    return LiveServers(sglang_python, sglang_tiny_model, tmp_path_factory.mktemp("sglang-live"))
+
+
+@pytest.fixture
+def server(request: pytest.FixtureRequest, live_servers: LiveServers) -> ServerRun:
+    """The cached run of the server configuration given by indirect parametrization."""
+    return live_servers.run(request.param)
+
+
+def _describe(generations: list[harness.Generation], prompts: tuple[str, ...]) -> str:
+    return "\n".join(f"  {prompt[:40]!r}: {g.token_ids} {g.text!r}" for prompt, g in zip(prompts, generations))
+
+
+def _scheduler_reports(run: ServerRun) -> list[dict]:
+    return [report for report in run.reports if "sglang::scheduler" in " ".join(report.get("cmdline", []))]
+
+
+@pytest.mark.parametrize("server", [STOCK_TRITON], indirect=True, ids=label)
+def test_stock_server_generates_full_greedy_sequences(server: ServerRun) -> None:
+    """The reference is meaningful: token ids come back, 16 per prompt, prompts differ, no attnplug."""
+    for generation in [*server.completions, server.chat]:  # chat: ids via sglang_server.chat
+        assert generation.token_ids is not None, "server returned no token ids (return_token_ids)"
+        assert len(generation.token_ids) == MAX_TOKENS, generation
+    assert len({g.token_ids for g in server.completions}) > 1, _describe(server.completions, PROMPTS)
+    assert "attnplug INFO [pid" not in server.log, "attnplug's plugin must not load in the stock server"
+
+
+@pytest.mark.parametrize("server", SAME_TOKENS_AS_STOCK, indirect=True, ids=label)
+def test_same_tokens_as_stock(server: ServerRun, live_servers: LiveServers) -> None:
+    stock = live_servers.run(STOCK_TRITON)
+    assert [g.key for g in server.completions] == [g.key for g in stock.completions], (
+        f"{server.config.label}:\n{_describe(server.completions, PROMPTS)}\n"
+        f"stock triton:\n{_describe(stock.completions, PROMPTS)}"
+    )
+    assert server.chat.key == stock.chat.key, f"{server.config.label}: {server.chat}\nstock triton: {stock.chat}"
+
+
+@pytest.mark.parametrize("server", [ATTNPLUG], indirect=True, ids=label)
+def test_attnplug_kernels_ran_in_scheduler_planning_once_per_batch(server: ServerRun) -> None:
+    """attnplug's ops ran in SGLang's scheduler process, and the plan was made once per batch, not per layer."""
+    assert "falls back to SGLang's torch_native" not in server.log, "a tiny Llama must need no fallback"
+    # (extend batches with prefixes come from the radix cache; SGLang 0.5.23 runs MIXED batches as EXTEND)
+    for mode in ("EXTEND", "DECODE"):
+        assert f"serves its first {mode} batch" in server.log, f"attnplug served no {mode} batch"
+    schedulers = _scheduler_reports(server)
+    assert len(schedulers) == 1, f"expected one scheduler report, got: {server.reports}"
+    calls = schedulers[0]["op_calls"]
+    plans, paged, metadata = calls.get("plan_attention", 0), calls.get("paged_attention", 0), calls.get("fused_decode_metadata", 0)
+    # at least one batch per generated token of the sequential requests (each a prefill + 15 decodes)
+    assert plans >= len(CONCURRENT_PROMPTS) * MAX_TOKENS, calls
+    assert paged == plans * NUM_LAYERS, f"every batch fully served by attnplug: paged == plans x layers, got {calls}"
+    assert metadata == plans, f"one fused_decode_metadata launch per batch, got {calls}"
+    for report in server.reports:
+        if report not in schedulers:
+            assert not report.get("op_calls"), f"attnplug ops ran outside the scheduler: {report}"
+
+
+@pytest.mark.parametrize("server", sorted(CONCURRENCY_CONFIGS, key=label), indirect=True, ids=label)
+def test_concurrent_requests_equal_sequential(server: ServerRun) -> None:
+    assert server.concurrent is not None and server.sequential is not None
+    assert len(server.concurrent) == len(CONCURRENT_PROMPTS)
+    assert all(g.token_ids is not None and len(g.token_ids) == MAX_TOKENS for g in server.concurrent)
+    assert [g.key for g in server.concurrent] == [g.key for g in server.sequential], (
+        f"concurrent:\n{_describe(server.concurrent, CONCURRENT_PROMPTS)}\n"
+        f"sequential:\n{_describe(server.sequential, CONCURRENT_PROMPTS)}"
+    )
+
+
+@pytest.mark.parametrize("server", sorted(CONCURRENCY_CONFIGS, key=label), indirect=True, ids=label)
+def test_request_joining_a_decode_equals_alone(server: ServerRun) -> None:
+    """A request that arrives while another decodes gets the tokens it gets alone (and so does the other).
+
+    With ``--enable-mixed-chunk`` SGLang mixes the running decode into the late prefill (0.5.23's eager
+    runner hands that MIXED batch to the backend as EXTEND, the decode as a one-token extend row).
+    """
+    assert server.while_decoding is not None
+    assert re.search(r"Prefill batch, .*#running-req: [1-9]", server.log), "no prefill ran beside a decode"
+    running, late = server.while_decoding
+    assert running.key == server.completions[RUNNING].key, (running, server.completions[RUNNING])
+    assert late.key == server.sequential[LATE].key, (late, server.sequential[LATE])
+
+
+@pytest.mark.parametrize("server", [TORCH_NATIVE_DISABLED], indirect=True, ids=label)
+def test_disabled_runs_stock(server: ServerRun) -> None:
+    """ATTNPLUG_DISABLE=1 (even with ATTNPLUG_PATCHES=all): attnplug registers, patches and counts nothing."""
+    assert "ATTNPLUG_DISABLE=1: attnplug is off in this process; sglang runs stock" in server.log
+    assert all(not report.get("op_calls") and not report.get("patches") for report in server.reports), server.reports
+
+
+def test_bogus_patch_id_fails_at_startup(live_servers: LiveServers) -> None:
+    """ATTNPLUG_PATCHES=bogus: the server exits at start-up, and its log names the unknown id."""
+    error = live_servers.start_error(BOGUS_PATCH)
+    assert error.returncode not in (None, 0), f"expected a non-zero exit, got {error.returncode}"
+    assert "names unknown patch id(s) 'bogus'" in error.log, error.log[-5000:]
