@@ -27,6 +27,7 @@ _patches: dict[str, dict[str, str]] = {}  # patch id -> {"status", "reason"}
 _engines: dict[str, str | None] = {}  # engine name -> version
 _writer: threading.Thread | None = None
 _writer_lock = threading.Lock()
+_flushes_at_exit = False
 
 
 def record_engine(engine: str, version: str | None) -> None:
@@ -84,13 +85,20 @@ def _flush_periodically() -> None:
 
 
 def start() -> None:
-    """Start writing reports for this process if ``ATTNPLUG_REPORT_DIR`` is set (idempotent)."""
-    global _writer
+    """Start writing reports for this process if ``ATTNPLUG_REPORT_DIR`` is set (idempotent).
+
+    Only a process that started reporting writes one (periodically and at exit): with
+    ``ATTNPLUG_DISABLE=1`` or attnplug left out of the engine's plugins, no report appears.
+    """
+    global _writer, _flushes_at_exit
     if report_path() is None:
         return
     with _writer_lock:
         if _writer is not None and _writer.is_alive():
             return
+        if not _flushes_at_exit:
+            atexit.register(flush)
+            _flushes_at_exit = True  # a forked child inherits both the handler and this flag
         _writer = threading.Thread(target=_flush_periodically, name="attnplug-report", daemon=True)
         _writer.start()
     flush()
@@ -105,5 +113,4 @@ def _after_fork_in_child() -> None:
         start()
 
 
-atexit.register(flush)
 os.register_at_fork(after_in_child=_after_fork_in_child)

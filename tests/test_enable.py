@@ -154,3 +154,10 @@ def test_entry_points_are_declared_for_both_engines():
         (entry,) = [ep for ep in importlib.metadata.entry_points(group=group) if ep.name == "attnplug"]
         assert entry.value == target
         assert callable(entry.load())
+
+
+def test_a_disabled_process_writes_no_report_even_at_exit(tmp_path):
+    code = "from attnplug.adapters import vllm; vllm.register()"
+    done = _run_python(code, ATTNPLUG_REPORT_DIR=str(tmp_path / "reports"), ATTNPLUG_DISABLE="1")
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "reports").exists()
