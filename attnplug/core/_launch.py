@@ -16,9 +16,10 @@ The key captures everything Triton specializes on: the current device, every key
 (constexprs and options such as ``num_warps`` / ``num_stages``), every positional constexpr's
 value, each tensor's dtype, address modulo 16 and CUDA-ness, and for each integer whether it is 1,
 whether it is divisible by 16 and its Triton type (i32 / i64 / u64), plus the process-wide Triton
-debug / instrumentation knobs. It is at least as fine as Triton's own key (``do_not_specialize``
-is ignored, which only costs extra cache entries), so a cached launch runs the very kernel the
-plain launch would run.
+debug / instrumentation knobs. It is at least as fine as Triton's own key, so a cached launch runs
+the very kernel the plain launch would run. ``do_not_specialize`` is honoured only for ints that
+also carry a type annotation (``n: tl.int32``: Triton then keys on the annotation alone, and so do
+we, skipping the per-call value checks); for other parameters it only costs extra cache entries.
 
 Falls back to the plain launch, with identical results, under ``TRITON_INTERPRET=1``, for
 objects that are not ``JITFunction`` (autotuners, interpreted functions), for callable grids,
@@ -41,6 +42,13 @@ Usage::
 Pass runtime arguments positionally; constexprs positionally (cheapest) or by keyword; launch
 options (``num_warps``, ``num_stages``, ...) by keyword. ``grid`` is a tuple of 1 to 3 ints (a
 callable grid takes the plain launch). Nothing is returned.
+
+Keyed launches: a per-step op that validates its inputs anyway can skip the generic key as well,
+through ``FastLauncher.launch_by_key(key, grid, call_args, args)``, when its kernel leaves Triton
+nothing to specialize on but what the op's own key holds: every int parameter annotated and in
+``do_not_specialize``, every pointer in ``do_not_specialize_on_alignment``. Triton then keys on
+the pointers' dtypes (and None-ness), the constexprs and the options only
+(``attnplug.core.decode_metadata`` is the example).
 """
 
 from __future__ import annotations
@@ -54,6 +62,9 @@ import triton
 _TENSOR = torch.Tensor
 # Triton versions whose CudaLauncher.__call__ / C launch signature were read (see _launch_entry).
 _DIRECT_C_LAUNCH_VERSIONS = ("3.6.",)
+
+
+_BY_KEY = object()  # marks keys made by launch_by_key's callers, apart from the packer's
 
 
 class _Unsupported(Exception):
@@ -81,12 +92,22 @@ def _other_arg_key(arg):
     raise _Unsupported(cls)
 
 
+_INT_TYPES = ("i8", "i16", "i32", "i64", "u8", "u16", "u32", "u64")
+
+
+def _unspecialized_int(param) -> bool:
+    """An int parameter Triton does not specialize at all: in ``do_not_specialize`` and annotated with
+    its type (e.g. ``n: tl.int32``), so Triton's key holds ``("i32", None)`` whatever the value."""
+    return bool(getattr(param, "do_not_specialize", False)) and getattr(param, "annotation_type", "") in _INT_TYPES
+
+
 def _make_arg_packer(params, num_positional: int):
     """Generate ``pack(device, kw, a0, a1, ...) -> (key, launcher_args)`` for ``num_positional`` args.
 
     Unrolled per parameter (like Triton's own binder) because this runs on every launch.
     Per runtime parameter the key gets two flat entries: (dtype, address % 16, minus 16 off the GPU)
     for a tensor, (int, code) for an int: whether an i32 is divisible by 16, or :func:`_int_code`.
+    An int Triton does not specialize (:func:`_unspecialized_int`) adds nothing but a type check.
     """
     names = [f"a{i}" for i in range(num_positional)]
     lines = [f"def pack(device, kw, {', '.join(names)}):" if names else "def pack(device, kw):"]
@@ -94,6 +115,10 @@ def _make_arg_packer(params, num_positional: int):
     for i, (name, param) in enumerate(zip(names, params)):
         if param.is_constexpr:
             key_parts.append(name)
+            call_parts.append(name)
+            continue
+        if _unspecialized_int(param):  # Triton's key holds only the annotated type: nothing to add
+            lines += [f"    if {name}.__class__ is not int:", "        raise _Unsupported(type(" + name + "))"]
             call_parts.append(name)
             continue
         lines += [
@@ -111,7 +136,8 @@ def _make_arg_packer(params, num_positional: int):
         key_parts += [f"k{i}", f"c{i}"]
         call_parts.append(f"p{i}")
     lines.append(f"    return ({', '.join(key_parts)},), ({''.join(p + ', ' for p in call_parts)})")
-    namespace = {"_TENSOR": _TENSOR, "_other_arg_key": _other_arg_key, "_int_code": _int_code}
+    namespace = {"_TENSOR": _TENSOR, "_other_arg_key": _other_arg_key, "_int_code": _int_code,
+                 "_Unsupported": _Unsupported}
     exec("\n".join(lines), namespace)  # noqa: S102 - generated from parameter indices only
     return namespace["pack"]
 
@@ -169,31 +195,68 @@ class FastLauncher:
         except Exception as exc:  # noqa: BLE001 - any mismatch means: use the plain launch
             self._disable(f"unexpected Triton internals ({type(exc).__name__}: {exc})")
 
-    def __call__(self, grid, *args, **kwargs) -> None:
+    def _fast_path_ready(self, grid) -> bool:
+        """Whether this call may take a cached launch (else it must take the plain one)."""
         if not self._enabled or grid.__class__ is not tuple:
-            self.kernel[grid](*args, **kwargs)
-            return
+            return False
         if not self._bound:
             self._bind_triton_internals()
             if not self._enabled:
-                self.kernel[grid](*args, **kwargs)
-                return
+                return False
         rt = self._runtime_knobs
-        if (rt.launch_enter_hook.calls or rt.launch_exit_hook.calls or self._pre_run_hooks
-                or (self._has_stage_hook_knob and rt.add_stages_inspection_hook is not None)):
-            self.kernel[grid](*args, **kwargs)  # hooks only the plain launch honours
+        # hooks only the plain launch honours
+        return not (rt.launch_enter_hook.calls or rt.launch_exit_hook.calls or self._pre_run_hooks
+                    or (self._has_stage_hook_knob and rt.add_stages_inspection_hook is not None))
+
+    def __call__(self, grid, *args, **kwargs) -> None:
+        if not self._fast_path_ready(grid):
+            self.kernel[grid](*args, **kwargs)
             return
         device = self._current_device()
-        kw = (rt.debug, self._compilation_knobs.instrumentation_mode, *kwargs.items())
+        kw = (self._runtime_knobs.debug, self._compilation_knobs.instrumentation_mode, *kwargs.items())
         try:
             key, call_args = self._packers[len(args)](device, kw, *args)
-            launch_fn, middle, trailing = self._entries[key]
+            entry = self._entries[key]
         except KeyError:  # no packer for this many args yet, or a new specialization
             self._first_launch(grid, device, kw, args, kwargs)
             return
         except (_Unsupported, TypeError):  # exotic argument, unhashable keyword value, too many args
             self.kernel[grid](*args, **kwargs)
             return
+        self._launch_cached(entry, grid, device, call_args, args, kwargs)
+
+    def launch_by_key(self, key, grid, call_args: tuple, args: tuple, **kwargs) -> None:
+        """Launch with a specialization key made by the caller (see "Keyed launches" above).
+
+        Parameters
+        ----------
+        key : hashable
+            Must determine Triton's specialization of this kernel for these arguments completely
+            (the current device and Triton's debug knobs are added here).
+        grid : tuple of int
+        call_args : tuple
+            The kernel's positional arguments as the compiled kernel takes them: each tensor as its
+            ``data_ptr()``, None as None, every other value as itself.
+        args : tuple
+            The same arguments as given to ``kernel[grid](...)`` (tensors as tensors), for the first
+            launch under ``key`` and for the plain-launch fallbacks.
+        **kwargs
+            Launch options and keyword constexprs, as for ``kernel[grid](...)``; part of the key.
+        """
+        if not self._fast_path_ready(grid):
+            self.kernel[grid](*args, **kwargs)
+            return
+        device = self._current_device()
+        full_key = (_BY_KEY, device, self._runtime_knobs.debug, self._compilation_knobs.instrumentation_mode, key,
+                    *kwargs.items())
+        entry = self._entries.get(full_key)
+        if entry is None:
+            self._cache(full_key, self.kernel[grid](*args, **kwargs), args, kwargs)
+            return
+        self._launch_cached(entry, grid, device, call_args, args, kwargs)
+
+    def _launch_cached(self, entry, grid, device, call_args, args, kwargs) -> None:
+        launch_fn, middle, trailing = entry
         if self.kernel.used_global_vals:
             self._check_globals()
         n = len(grid)
@@ -215,8 +278,11 @@ class FastLauncher:
         except (_Unsupported, TypeError):
             key = None
         compiled = self.kernel[grid](*args, **kwargs)
-        if key is None:
-            return
+        if key is not None:
+            self._cache(key, compiled, args, kwargs)
+
+    def _cache(self, key, compiled, args, kwargs) -> None:
+        """Remember ``compiled``'s launch handles under ``key`` (not for runtime values passed by keyword)."""
         trailing = []
         for param in self.kernel.params[len(args):]:
             if param.name in kwargs:

@@ -23,30 +23,38 @@ import triton.language as tl
 from attnplug.core._launch import fast_launcher
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _BLOCK_BS = 256  # sequences per step of the prefix-sum loop (fixed: no recompiles as bs varies)
 _MAX_BLOCK_COLS = 1024
 _PLANS: dict = {}  # (max_seq_pages, page_size) -> _plan(...)
 
 
-@triton.jit(do_not_specialize=["batch_size", "max_seq_pages", "seq_len_delta"])
+_POINTERS = ("seq_lens_ptr", "req_pool_indices_ptr", "req_to_token_ptr", "full_to_swa_ptr", "cache_seqlens_ptr",
+             "cu_seqlens_k_ptr", "page_table_ptr", "swa_page_table_ptr")
+_INTS = ("stride_r2t_row", "stride_r2t_col", "stride_pt_row", "stride_pt_col", "stride_swa_row", "stride_swa_col",
+         "batch_size", "max_seq_pages", "seq_len_delta")
+
+
+# Nothing but dtypes and constexprs specialized, so the op's own key is complete (launch_by_key).
+@triton.jit(do_not_specialize=_INTS, do_not_specialize_on_alignment=_POINTERS)
 def _fused_decode_metadata_kernel(
     seq_lens_ptr,  # [bs] int32/int64
     req_pool_indices_ptr,  # [bs] int32/int64
     req_to_token_ptr,  # [pool, max_context] int32
     stride_r2t_row: tl.int64,
-    stride_r2t_col,
+    stride_r2t_col: tl.int64,
     full_to_swa_ptr,  # [num_tokens] int32/int64, or None without SWA
     cache_seqlens_ptr,  # [>= bs] int32, output
     cu_seqlens_k_ptr,  # [>= bs + 1] int32, output
     page_table_ptr,  # [>= bs, >= max_seq_pages] int32, output
     stride_pt_row: tl.int64,
-    stride_pt_col,
+    stride_pt_col: tl.int64,
     swa_page_table_ptr,  # [>= bs, >= max_seq_pages] int32, output, or None without SWA
     stride_swa_row: tl.int64,
-    stride_swa_col,
-    batch_size,
-    max_seq_pages,
-    seq_len_delta,
+    stride_swa_col: tl.int64,
+    batch_size: tl.int32,
+    max_seq_pages: tl.int32,
+    seq_len_delta: tl.int32,
     PAGE_SHIFT: tl.constexpr,  # log2(page_size)
     BLOCK_BS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
@@ -113,6 +121,8 @@ def _check_inputs(cache_seqlens_int32, cu_seqlens_k, page_table, req_to_token, r
         raise ValueError(f"max_seq_pages must be a non-negative int, got {max_seq_pages!r}")
     if seq_len_delta.__class__ is not int:
         raise TypeError(f"seq_len_delta must be an int, got {type(seq_len_delta).__name__}")
+    if not _INT32_MIN <= seq_len_delta <= _INT32_MAX:
+        raise ValueError(f"seq_len_delta must fit in int32, got {seq_len_delta}")
     if (swa_page_table is None) != (full_to_swa_index_mapping is None):
         raise ValueError("swa_page_table and full_to_swa_index_mapping must be given together")
     if req_to_token.dtype != torch.int32:
@@ -161,7 +171,8 @@ def _inputs_ok(cache_seqlens_int32, cu_seqlens_k, page_table, req_to_token, req_
     """The checks of :func:`_check_inputs` as one cheap predicate for the per-step happy path."""
     i32 = torch.int32
     if not (page_size.__class__ is int and page_size > 0 and not page_size & (page_size - 1)
-            and max_seq_pages.__class__ is int and max_seq_pages >= 0 and seq_len_delta.__class__ is int
+            and max_seq_pages.__class__ is int and max_seq_pages >= 0
+            and seq_len_delta.__class__ is int and _INT32_MIN <= seq_len_delta <= _INT32_MAX
             and cache_seqlens_int32.dtype is i32 and cu_seqlens_k.dtype is i32 and page_table.dtype is i32
             and req_to_token.dtype is i32 and seq_lens.dtype in _INDEX_DTYPES
             and req_pool_indices.dtype in _INDEX_DTYPES):
@@ -263,29 +274,27 @@ def fused_decode_metadata(
     if plan is None:
         plan = _PLANS[(max_seq_pages, page_size)] = _plan(max_seq_pages, page_size)
     col_blocks, page_shift, block_cols, num_warps = plan
-    has_swa = swa_page_table is not None
-    _LAUNCH(
-        (batch_size, col_blocks + 1) if batch_size and max_seq_pages else (1, 1),
-        seq_lens,
-        req_pool_indices,
-        req_to_token,
-        req_to_token.stride(0),
-        req_to_token.stride(1),
-        full_to_swa_index_mapping,
-        cache_seqlens_int32,
-        cu_seqlens_k,
-        page_table,
-        page_table.stride(0),
-        page_table.stride(1),
-        swa_page_table,
-        swa_page_table.stride(0) if has_swa else 0,
-        swa_page_table.stride(1) if has_swa else 0,
-        batch_size,
-        max_seq_pages,
-        seq_len_delta,
-        page_shift,  # PAGE_SHIFT; the constexprs go positionally: a cheaper launch key
-        _BLOCK_BS,
-        block_cols,
+    r2t_row_stride, r2t_col_stride = req_to_token.stride()
+    pt_row_stride, pt_col_stride = page_table.stride()
+    if swa_page_table is None:
+        swa_row_stride = swa_col_stride = 0
+        swa_ptr = mapping_ptr = mapping_dtype = None
+    else:
+        swa_row_stride, swa_col_stride = swa_page_table.stride()
+        swa_ptr, mapping_ptr = swa_page_table.data_ptr(), full_to_swa_index_mapping.data_ptr()
+        mapping_dtype = full_to_swa_index_mapping.dtype
+    grid = (batch_size, col_blocks + 1) if batch_size and max_seq_pages else (1, 1)
+    # the kernel's last arguments, no tensors among them (constexprs positionally: a cheaper launch)
+    tail = (swa_row_stride, swa_col_stride, batch_size, max_seq_pages, seq_len_delta, page_shift, _BLOCK_BS, block_cols)
+    _LAUNCH.launch_by_key(
+        # everything Triton specializes this kernel on (see the decorator)
+        (page_table.is_cuda, seq_lens.dtype, req_pool_indices.dtype, mapping_dtype, page_shift, block_cols, num_warps),
+        grid,
+        (seq_lens.data_ptr(), req_pool_indices.data_ptr(), req_to_token.data_ptr(), r2t_row_stride, r2t_col_stride,
+         mapping_ptr, cache_seqlens_int32.data_ptr(), cu_seqlens_k.data_ptr(), page_table.data_ptr(),
+         pt_row_stride, pt_col_stride, swa_ptr, *tail),
+        (seq_lens, req_pool_indices, req_to_token, r2t_row_stride, r2t_col_stride, full_to_swa_index_mapping,
+         cache_seqlens_int32, cu_seqlens_k, page_table, pt_row_stride, pt_col_stride, swa_page_table, *tail),
         num_warps=num_warps,
     )
 

@@ -148,6 +148,7 @@ ERROR_CASES = [
     ("max_seq_pages", 100, ValueError, "max_seq_pages"),
     ("max_seq_pages", -1, ValueError, "max_seq_pages"),
     ("seq_len_delta", 1.5, TypeError, "seq_len_delta"),
+    ("seq_len_delta", 2**31, ValueError, "seq_len_delta"),
     ("req_to_token", lambda a: a["req_to_token"].long(), TypeError, "req_to_token"),
     ("seq_lens", lambda a: a["seq_lens"].float(), TypeError, "seq_lens"),
     ("req_pool_indices", lambda a: a["req_pool_indices"].to(torch.int16), TypeError, "req_pool_indices"),

@@ -76,9 +76,29 @@ def test_matches_plain_launch_and_reference(case):
             assert torch.equal(out, plain), f"case {i}: fast and plain launches differ"
 
 
+@triton.jit(do_not_specialize=["n"])
+def _iota_kernel(out_ptr, n: tl.int32, start, BLOCK: tl.constexpr):
+    """out[:n] = start + arange(n); n is neither specialized on nor part of the fast key."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, start + offs, mask=offs < n)
+
+
+def test_unspecialized_int_values_share_one_kernel():
+    """n == 1, n % 16 == 0 and other values all run the one kernel Triton compiled, correctly."""
+    out = torch.empty(300, dtype=torch.int32, device=DEVICE)
+    for n in (1, 16, 7, 200, 1, 256):
+        out.fill_(-7)
+        launch(_iota_kernel, (triton.cdiv(n, 64),), out, n, 5, BLOCK=64)
+        want = torch.full_like(out, -7)
+        want[:n] = torch.arange(5, 5 + n, dtype=torch.int32, device=DEVICE)
+        assert torch.equal(out, want), f"n={n}"
+
+
 class _Param:
-    def __init__(self, is_constexpr=False):
+    def __init__(self, is_constexpr=False, do_not_specialize=False, annotation_type=""):
         self.is_constexpr = is_constexpr
+        self.do_not_specialize = do_not_specialize
+        self.annotation_type = annotation_type
 
 
 def _key(*args, constexpr_at=()):
@@ -100,6 +120,27 @@ def test_key_separates_what_triton_specializes_on():
     assert len({ints[v] for v in distinct}) == len(distinct)
     assert _key(5, constexpr_at=(0,)) != _key(6, constexpr_at=(0,)), "a constexpr's value is in the key"
     assert _key(1.0) == _key(2.5) and _key(True) == _key(False) and _key(None) != _key(0)
+
+
+def test_key_ignores_the_value_of_an_unspecialized_int():
+    """Annotated + do_not_specialize: Triton keys on the type alone, and so does the packer."""
+    params = [_Param(do_not_specialize=True, annotation_type="i32")]
+    pack = _launch._make_arg_packer(params, 1)
+    keys = {v: pack(0, (), v)[0] for v in (1, 7, 16, 2**40)}
+    assert len(set(keys.values())) == 1
+    assert pack(0, (), 7)[1] == (7,), "the value is still passed"
+    with pytest.raises(_launch._Unsupported):
+        pack(0, (), torch.zeros(1))
+    unannotated = _launch._make_arg_packer([_Param(do_not_specialize=True)], 1)
+    assert unannotated(0, (), 1)[0] != unannotated(0, (), 7)[0], "without a type annotation Triton still keys on it"
+
+
+def test_real_kernel_params_declare_the_unspecialized_int():
+    """Triton's own parameter objects (not the interpreter's) carry what _unspecialized_int reads."""
+    from triton.runtime.jit import JITFunction
+
+    params = JITFunction(_iota_kernel.fn, do_not_specialize=["n"]).params
+    assert [_launch._unspecialized_int(p) for p in params] == [False, True, False, False]
 
 
 def test_key_rejects_unsupported_arguments():
