@@ -363,6 +363,24 @@ def test_gpu_decode_batch_sizes(num_decodes):
 
 
 @pytest.mark.gpu
+def test_gpu_many_segments_deterministic():
+    """Thousands of concurrent segment programs and their reduction: bit-identical outputs over many
+    launches (fixed merge order) that equal the reference."""
+    g = torch.Generator().manual_seed(41)
+    lengths = [(1, int(n)) for n in torch.randint(2000, 9000, (24,), generator=g)]
+    batch = Batch(lengths, num_decodes=24, num_q_heads=32, num_kv_heads=8, head_size=128, page_size=16,
+                  dtype=torch.bfloat16, layout="vllm", seed=41)
+    workspace = AttentionWorkspace.allocate(24, 24, 32, 128, device=DEVICE, max_total_segments=24 * 48)
+    plan = batch.plan(workspace=workspace, split_kv_policy=split(48))
+    assert plan.num_segments == 48
+    first = batch.run(plan)
+    for _ in range(50):
+        assert torch.equal(batch.run(plan), first), "outputs differ between identical launches"
+    atol, rtol = TOLERANCE[torch.bfloat16]
+    assert_close_verbose(first, batch.reference(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.gpu
 def test_gpu_cuda_graph_replay_equals_eager():
     lengths = [(1, 8000), (1, 8000), (1, 8000), (300, 900), (64, 64)]  # pages for the longest lengths used
     batch = Batch(lengths, num_decodes=3, num_q_heads=32, num_kv_heads=8, head_size=128, page_size=16,
