@@ -8,13 +8,6 @@ SECTIONS=${SECTIONS:-ceiling,decode,mixed,host}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/log.txt"
-ROOT=$(pwd)
-# attnplug/core/__init__.py may import modules other helpers have not delivered yet: run from a copy then
-if ! python3 -c "import attnplug.core" 2>/dev/null; then
-    echo "attnplug.core does not import here; running from a copy with an empty attnplug/core/__init__.py" | tee -a "$OUT/log.txt"
-    mkdir -p /tmp/wt && cp -r "$ROOT"/. /tmp/wt/ && echo '"""stub"""' > /tmp/wt/attnplug/core/__init__.py
-    cd /tmp/wt
-fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
     PYTHONPATH=. timeout 240 python3 -m pytest tests/core/test_paged_attention.py -q -x -p no:cacheprovider $PYTEST_ARGS 2>&1 | tail -25 | tee -a "$OUT/log.txt"
 fi

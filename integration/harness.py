@@ -542,3 +542,64 @@ def read_reports(report_dir: Path) -> list[dict]:
         with contextlib.suppress(json.JSONDecodeError, OSError):
             reports.append(json.loads(path.read_text()))
     return sorted(reports, key=lambda report: report.get("pid", 0))
+
+
+def prepare_workdir(workdir: Path, *, reports: bool) -> Path | None:
+    """Create a server's work dir; return its ``reports`` dir (created) if attnplug should report, else None."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not reports:
+        return None
+    report_dir = workdir / "reports"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    return report_dir
+
+
+class LiveServers:
+    """Starts each server configuration once, runs a workload on it, stops it, and caches the run
+    (or its error, so that later tests of that configuration fail fast without a restart).
+
+    ``serve(config, python=..., model_dir=..., workdir=...)`` is the engine's server context
+    manager; ``workload(config, server)`` returns the run, an object with a ``log`` attribute that
+    gets the server's whole log once it has stopped.
+    """
+
+    def __init__(self, engine: str, serve, workload, python: Path, model_dir: Path, workdir: Path):
+        self.engine = engine
+        self._serve = serve
+        self._workload = workload
+        self.python = python
+        self.model_dir = model_dir
+        self.workdir = workdir
+        self._runs: dict = {}
+
+    def run(self, config):
+        if config not in self._runs:
+            try:
+                self._runs[config] = self._start_and_run(config)
+            except Exception as error:  # noqa: BLE001 -- cached: later tests of this config fail fast, no restart
+                self._runs[config] = error
+        result = self._runs[config]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def start_error(self, config) -> ServerStartError:
+        """The start-up failure of a configuration that must not come up (its ``.log`` has the whole log)."""
+        try:
+            self.run(config)
+        except ServerStartError as error:
+            return error
+        raise AssertionError(f"{self.engine}[{config.label}] started, but it was expected to fail at start-up")
+
+    def _start_and_run(self, config):
+        workdir = self.workdir / config.label
+        with self._serve(config, python=self.python, model_dir=self.model_dir, workdir=workdir) as server:
+            try:
+                run = self._workload(config, server)
+            except Exception as error:
+                raise RuntimeError(
+                    f"{self.engine}[{config.label}] workload failed: {error}\n"
+                    f"tail of {server.log_path}:\n{tail(server.log_path)}"
+                ) from error
+        run.log = server.log_text()
+        return run

@@ -178,10 +178,7 @@ def serve(config: SglangConfig, *, python: Path, model_dir: Path, workdir: Path)
     ``server.info`` has ``model`` (the served model name), ``report_dir`` (or None) and ``config``.
     Raises ``harness.ServerStartError`` (with the whole log) when the server does not come up.
     """
-    workdir.mkdir(parents=True, exist_ok=True)
-    report_dir = workdir / "reports" if config.report else None
-    if report_dir is not None:
-        report_dir.mkdir(parents=True, exist_ok=True)
+    report_dir = harness.prepare_workdir(workdir, reports=config.report)
     spec = launch(config, python=python, model_dir=model_dir, scratch=workdir / "scratch", report_dir=report_dir)
     with harness.serve(spec, workdir / "server.log", name=f"sglang[{config.label}]") as server:
         server.info.update(model=model_name(model_dir), report_dir=report_dir, config=config)

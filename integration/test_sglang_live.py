@@ -1,8 +1,8 @@
 """Live SGLang 0.5.23 CPU servers: the ``attnplug`` attention backend must give the stock backends' greedy tokens.
 
 Each server configuration (:class:`SglangConfig`: attention backend, extra env, extra CLI args) is
-started ONCE per module by :class:`LiveServers`, runs the whole workload (a batched completion
-request, a chat request and, for configs in ``CONCURRENCY_CONFIGS``, 16 concurrent + 16
+started ONCE per module by :class:`harness.LiveServers`, runs the whole workload (a batched
+completion request, a chat request and, for configs in ``CONCURRENCY_CONFIGS``, 16 concurrent + 16
 sequential requests), is stopped, and its :class:`ServerRun` is cached. Tests take a run through
 the indirectly parametrized ``server`` fixture::
 
@@ -83,66 +83,24 @@ class ServerRun:
     workload_s: float
 
 
-class LiveServers:
-    """Starts each configuration once, runs the workload, stops it, and caches the run (or its error)."""
-
-    def __init__(self, python: Path, model_dir: Path, workdir: Path):
-        self.python = python
-        self.model_dir = model_dir
-        self.workdir = workdir
-        self._runs: dict[SglangConfig, ServerRun | Exception] = {}
-
-    def run(self, config: SglangConfig) -> ServerRun:
-        if config not in self._runs:
-            try:
-                self._runs[config] = self._start_and_run(config)
-            except Exception as error:  # noqa: BLE001 -- cached: later tests of this config fail fast, no restart
-                self._runs[config] = error
-        result = self._runs[config]
-        if isinstance(result, Exception):
-            raise result
-        return result
-
-    def start_error(self, config: SglangConfig) -> harness.ServerStartError:
-        """The start-up failure of a configuration that must not come up (its ``.log`` has the whole log)."""
-        try:
-            self.run(config)
-        except harness.ServerStartError as error:
-            return error
-        raise AssertionError(f"sglang[{config.label}] started, but it was expected to fail at start-up")
-
-    def _start_and_run(self, config: SglangConfig) -> ServerRun:
-        workdir = self.workdir / config.label
-        with serve(config, python=self.python, model_dir=self.model_dir, workdir=workdir) as server:
-            try:
-                run = self._workload(config, server)
-            except Exception as error:
-                raise RuntimeError(
-                    f"sglang[{config.label}] workload failed: {error}\n"
-                    f"tail of {server.log_path}:\n{harness.tail(server.log_path)}"
-                ) from error
-        run.log = server.log_text()
-        return run
-
-    @staticmethod
-    def _workload(config: SglangConfig, server: harness.RunningServer) -> ServerRun:
-        model = server.info["model"]
-        started = time.monotonic()
-        completions = harness.complete(server, model, PROMPTS, max_tokens=MAX_TOKENS)
-        chat = sglang_server.chat(server, model, CHAT_MESSAGES, max_tokens=MAX_TOKENS)
-        concurrent = sequential = while_decoding = None
-        if config in CONCURRENCY_CONFIGS:
-            concurrent = harness.complete_concurrently(server, model, CONCURRENT_PROMPTS, max_tokens=MAX_TOKENS)
-            sequential = harness.complete_sequentially(server, model, CONCURRENT_PROMPTS, max_tokens=MAX_TOKENS)
-            while_decoding = sglang_server.complete_while_decoding(
-                server, model, PROMPTS[RUNNING], CONCURRENT_PROMPTS[LATE], max_tokens=MAX_TOKENS
-            )
-        workload_s = time.monotonic() - started
-        harness.log(f"sglang[{config.label}] workload done in {workload_s:.1f} s")
-        report_dir = server.info["report_dir"]
-        reports = harness.wait_for_reports(report_dir, since=time.time()) if report_dir is not None else []
-        return ServerRun(config, completions, chat, concurrent, sequential, while_decoding, reports, log="",
-                         start_s=server.started_in_s, workload_s=workload_s)
+def workload(config: SglangConfig, server: harness.RunningServer) -> ServerRun:
+    model = server.info["model"]
+    started = time.monotonic()
+    completions = harness.complete(server, model, PROMPTS, max_tokens=MAX_TOKENS)
+    chat = sglang_server.chat(server, model, CHAT_MESSAGES, max_tokens=MAX_TOKENS)
+    concurrent = sequential = while_decoding = None
+    if config in CONCURRENCY_CONFIGS:
+        concurrent = harness.complete_concurrently(server, model, CONCURRENT_PROMPTS, max_tokens=MAX_TOKENS)
+        sequential = harness.complete_sequentially(server, model, CONCURRENT_PROMPTS, max_tokens=MAX_TOKENS)
+        while_decoding = sglang_server.complete_while_decoding(
+            server, model, PROMPTS[RUNNING], CONCURRENT_PROMPTS[LATE], max_tokens=MAX_TOKENS
+        )
+    workload_s = time.monotonic() - started
+    harness.log(f"sglang[{config.label}] workload done in {workload_s:.1f} s")
+    report_dir = server.info["report_dir"]
+    reports = harness.wait_for_reports(report_dir, since=time.time()) if report_dir is not None else []
+    return ServerRun(config, completions, chat, concurrent, sequential, while_decoding, reports, log="",
+                     start_s=server.started_in_s, workload_s=workload_s)
 
 
 @pytest.fixture(scope="module")
@@ -158,12 +116,15 @@ def sglang_tiny_model(sglang_python: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def live_servers(sglang_python: Path, sglang_tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> LiveServers:
-    return LiveServers(sglang_python, sglang_tiny_model, tmp_path_factory.mktemp("sglang-live"))
+def live_servers(
+    sglang_python: Path, sglang_tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> harness.LiveServers:
+    workdir = tmp_path_factory.mktemp("sglang-live")
+    return harness.LiveServers("sglang", serve, workload, sglang_python, sglang_tiny_model, workdir)
 
 
 @pytest.fixture
-def server(request: pytest.FixtureRequest, live_servers: LiveServers) -> ServerRun:
+def server(request: pytest.FixtureRequest, live_servers: harness.LiveServers) -> ServerRun:
     """The cached run of the server configuration given by indirect parametrization."""
     return live_servers.run(request.param)
 
@@ -187,7 +148,7 @@ def test_stock_server_generates_full_greedy_sequences(server: ServerRun) -> None
 
 
 @pytest.mark.parametrize("server", SAME_TOKENS_AS_STOCK, indirect=True, ids=label)
-def test_same_tokens_as_stock(server: ServerRun, live_servers: LiveServers) -> None:
+def test_same_tokens_as_stock(server: ServerRun, live_servers: harness.LiveServers) -> None:
     stock = live_servers.run(STOCK_TRITON)
     assert [g.key for g in server.completions] == [g.key for g in stock.completions], (
         f"{server.config.label}:\n{_describe(server.completions, PROMPTS)}\n"
@@ -248,7 +209,7 @@ def test_disabled_runs_stock(server: ServerRun) -> None:
     assert all(not report.get("op_calls") and not report.get("patches") for report in server.reports), server.reports
 
 
-def test_bogus_patch_id_fails_at_startup(live_servers: LiveServers) -> None:
+def test_bogus_patch_id_fails_at_startup(live_servers: harness.LiveServers) -> None:
     """ATTNPLUG_PATCHES=bogus: the server exits at start-up, and its log names the unknown id."""
     error = live_servers.start_error(BOGUS_PATCH)
     assert error.returncode not in (None, 0), f"expected a non-zero exit, got {error.returncode}"

