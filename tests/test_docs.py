@@ -17,3 +17,4 @@ def test_matrix_cells():
     assert matrix_cell(patch, "0.5.9") == "applies"
     assert matrix_cell(patch, "0.5.23") == "upstream already has it"
     assert matrix_cell(patch, "0.4.0") == "not applicable"
+    assert matrix_cell(toy_patch(versions=">=0.5", opt_in="slower"), "0.5.9") == "opt-in (applies when named)"

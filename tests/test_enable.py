@@ -161,3 +161,26 @@ def test_a_disabled_process_writes_no_report_even_at_exit(tmp_path):
     done = _run_python(code, ATTNPLUG_REPORT_DIR=str(tmp_path / "reports"), ATTNPLUG_DISABLE="1")
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / "reports").exists()
+
+
+def test_opt_in_patch_applies_only_where_named(toy_engine, register_plugin, monkeypatch):
+    """An opt-in patch (e.g. measured slower) stays out of "all" and the API defaults, with the reason."""
+    ops, _ = toy_engine
+    register_plugin(PatchPlugin(toy_patch(opt_in="measured slower here")))
+    stock = ops.attend
+    skipped = apply_to("toy")
+    assert skipped.applied == [] and "measured slower here" in skipped.skipped["toy.ops.attend"]
+    assert ops.attend is stock
+    assert apply_to("toy", attend=True).applied == ["toy.ops.attend"]
+    assert attnplug.revert() == ["toy.ops.attend"]
+
+
+@pytest.mark.parametrize("selection,applies", [("all", False), ("toy.ops.attend", True)])
+def test_opt_in_patch_through_the_engine_plugin(toy_engine, register_plugin, monkeypatch, selection, applies):
+    ops, _ = toy_engine
+    register_plugin(PatchPlugin(toy_patch(opt_in="measured slower here")))
+    stock = ops.attend
+    monkeypatch.setenv("ATTNPLUG_PATCHES", selection)
+    load_engine_plugin("toy")
+    assert (ops.attend is not stock) == applies
+    attnplug.revert()

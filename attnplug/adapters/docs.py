@@ -20,10 +20,10 @@ MATRIX_END = "<!-- end support-matrix -->"
 
 
 def matrix_cell(patch: Patch, release: str) -> str:
-    """What a patch does on one engine release: applies / upstream already has it / not applicable."""
+    """What a patch does on one engine release: applies / opt-in / upstream already has it / not applicable."""
     version = Version(release)
     if SpecifierSet(patch.versions).contains(version, prereleases=True):
-        return "applies"
+        return "opt-in (applies when named)" if patch.opt_in else "applies"
     if patch.upstream_has_it and SpecifierSet(patch.upstream_has_it).contains(version, prereleases=True):
         return "upstream already has it"
     return "not applicable"
@@ -65,6 +65,7 @@ def patches_markdown() -> str:
             f"- upstream: {patch.upstream}",
             f"- upstream already has it in: `{patch.upstream_has_it}`" if patch.upstream_has_it else "- upstream already has it in: no release",
             f"- why: {patch.why}",
+            *([f"- opt-in (left out of `all` and the API defaults): {patch.opt_in}"] if patch.opt_in else []),
             f"- remove when: {patch.remove_when or 'not decided'}",
             "- rebinds:",
         ]

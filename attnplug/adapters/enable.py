@@ -10,7 +10,7 @@ from attnplug import report
 from attnplug._log import logger
 from attnplug.adapters.engines import ENGINES
 from attnplug.adapters.patching import ApplyReport, apply_patches, revert_patches
-from attnplug.adapters.registry import PATCHES_ENV, engine_patches, select_patches
+from attnplug.adapters.registry import PATCHES_ENV, engine_patches, named_patch_ids, select_patches
 from attnplug.hooks import get_plugin_manager
 
 DISABLE_ENV = "ATTNPLUG_DISABLE"
@@ -27,8 +27,8 @@ def _record_engine(engine: str) -> None:
     report.record_engine(engine, str(version) if version else None)
 
 
-def _apply_and_announce(engine: str, patches) -> ApplyReport:
-    outcome = apply_patches(patches)
+def _apply_and_announce(engine: str, patches, named_ids) -> ApplyReport:
+    outcome = apply_patches(patches, named_ids=named_ids)
     report.record_patches(outcome)
     get_plugin_manager().hook.attnplug_patches_applied(engine=engine, report=outcome)
     return outcome
@@ -48,7 +48,8 @@ def load_engine_plugin(engine: str, register_backend: Callable[[], None] | None 
         return
     if engine in _loaded_engines:
         return
-    selected = select_patches(engine, os.environ.get(PATCHES_ENV, ""))  # unknown id: a clear error at start-up
+    selection = os.environ.get(PATCHES_ENV, "")
+    selected = select_patches(engine, selection)  # unknown id: a clear error at start-up
     _loaded_engines.add(engine)
     _record_engine(engine)
     report.start()
@@ -58,13 +59,14 @@ def load_engine_plugin(engine: str, register_backend: Callable[[], None] | None 
         except Exception as exc:
             logger.warning("could not register attnplug's %s attention backend: %s: %s", engine, type(exc).__name__, exc)
     if selected:
-        outcome = _apply_and_announce(engine, selected)
+        outcome = _apply_and_announce(engine, selected, named_patch_ids(selection))
         logger.info("%s patches: %s", engine, "; ".join(f"{r.patch_id} {r.status}" for r in outcome.results))
     report.flush()
 
 
 def apply_to(engine: str, **enabled: bool) -> ApplyReport:
-    """Apply ``engine``'s patches in this process: every patch unless its keyword is given as False.
+    """Apply ``engine``'s patches in this process: every patch unless its keyword is given as False
+    (an opt-in patch only when its keyword is given as True).
 
     Raises TypeError for a keyword that names no patch of ``engine``.
     """
@@ -76,16 +78,19 @@ def apply_to(engine: str, **enabled: bool) -> ApplyReport:
             f"known: {', '.join(patches) or '(none registered)'}"
         )
     _record_engine(engine)
-    return _apply_and_announce(engine, [patch for keyword, patch in patches.items() if enabled.get(keyword, True)])
+    selected = [patch for keyword, patch in patches.items() if enabled.get(keyword, True)]
+    named = {patch.id for keyword, patch in patches.items() if enabled.get(keyword) is True}
+    return _apply_and_announce(engine, selected, named)
 
 
 def apply_to_vllm(**enabled: bool) -> ApplyReport:
-    """Patch vLLM in this process (e.g. before building ``vllm.LLM``): one keyword per patch, default on."""
+    """Patch vLLM in this process (e.g. before building ``vllm.LLM``): one keyword per patch, default on
+    (opt-in patches: off)."""
     return apply_to("vllm", **enabled)
 
 
 def apply_to_sglang(**enabled: bool) -> ApplyReport:
-    """Patch SGLang in this process: one keyword per patch, default on."""
+    """Patch SGLang in this process: one keyword per patch, default on (opt-in patches: off)."""
     return apply_to("sglang", **enabled)
 
 

@@ -14,7 +14,7 @@ import inspect
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Collection, Iterable
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
@@ -63,6 +63,8 @@ class Patch:
     why: why the patch exists.
     remove_when: when the patch can be deleted.
     upstream_has_it: PEP 440 specifier of the engine releases that already ship the change ("" if none).
+    opt_in: why the patch stays out of ``ATTNPLUG_PATCHES=all`` and of the API's defaults, e.g. measured
+        slower than the engine's own code ("" if none): it then applies only where named explicitly.
     """
 
     id: str
@@ -73,6 +75,7 @@ class Patch:
     why: str
     remove_when: str = ""
     upstream_has_it: str = ""
+    opt_in: str = ""
 
     def __post_init__(self):
         if not _PATCH_ID.match(self.id) or not self.id.startswith(self.engine + "."):
@@ -249,10 +252,12 @@ def check_patch(patch: Patch) -> str | None:
     return None
 
 
-def _apply_one(patch: Patch) -> PatchResult:
+def _apply_one(patch: Patch, named: bool) -> PatchResult:
     if patch.id in _applied:
         return PatchResult(patch.id, "already applied")
     problem = version_problem(patch)
+    if problem is None and patch.opt_in and not named:
+        problem = f"opt-in, applies only where named explicitly: {patch.opt_in}"
     if problem is None:
         done: list[_Binding] = []
         try:
@@ -273,10 +278,13 @@ def _apply_one(patch: Patch) -> PatchResult:
     return PatchResult(patch.id, "skipped", problem)
 
 
-def apply_patches(patches: Iterable[Patch]) -> ApplyReport:
-    """Apply each patch (idempotent per process); one failing patch never stops the others."""
+def apply_patches(patches: Iterable[Patch], *, named_ids: Collection[str] = ()) -> ApplyReport:
+    """Apply each patch (idempotent per process); one failing patch never stops the others.
+
+    ``named_ids``: the patches the user named explicitly (only those apply if they are opt-in).
+    """
     with _lock:
-        return ApplyReport(tuple(_apply_one(patch) for patch in patches))
+        return ApplyReport(tuple(_apply_one(patch, patch.id in named_ids) for patch in patches))
 
 
 def _restore(bindings: list[_Binding]) -> None:

@@ -45,3 +45,9 @@ def select_patches(engine: str, selection: str) -> list[Patch]:
             f"use 'all' or a comma list of: {', '.join(known) or '(no patches registered)'}"
         )
     return [known[name] for name in names if known[name].engine == engine]
+
+
+def named_patch_ids(selection: str) -> frozenset[str]:
+    """The ids an ``ATTNPLUG_PATCHES`` value names explicitly ("all" names none: opt-in patches stay off)."""
+    names = frozenset(name.strip() for name in selection.split(",") if name.strip())
+    return frozenset() if names == {"all"} else names
