@@ -76,8 +76,12 @@ def test_each_patch_applies_or_skips_as_declared(patch_id):
     outcome = attnplug.apply_to_sglang(**{keyword: keyword == patch.keyword for keyword in
                                           (p.keyword for p in PATCHES.values())})
     (result,) = outcome.results
-    if cell == "applies":
+    if cell.startswith(("applies", "opt-in")):  # named here, so an opt-in patch applies too
         assert (result.status, result.reason) == ("applied", ""), result
+        attnplug.revert()
+        by_default = attnplug.apply_to_sglang(**{p.keyword: False for p in PATCHES.values() if p is not patch})
+        (default_result,) = by_default.results
+        assert default_result.status == ("skipped" if patch.opt_in else "applied"), default_result
     else:
         assert result.status == "skipped"
         assert result.reason == version_problem(patch)
