@@ -61,8 +61,9 @@ PATCHES: list[Patch] = [
         why=(
             "FA3 runs its prepare kernel in every layer unless scheduler_metadata is computed once per batch. "
             "SGLang 0.5.11+ precompute it (eager and CUDA-graph paths); 0.5.9's sgl-kernel 0.3.21 exposes no "
-            "get_scheduler_metadata, so nothing can compute it there. Only 0.5.10 could have the gap (untested): "
-            "the replacement refuses to apply until a release with the gap is tested."
+            "get_scheduler_metadata, so nothing can compute it there. 0.5.10 has the gap (no precompute in its backend, "
+            "get_scheduler_metadata in its sglang-kernel 0.4.1) but is not tested: the replacement refuses to apply "
+            "until it is ported and tested against 0.5.10."
         ),
         remove_when="0.5.10 is no longer supported.",
     ),
