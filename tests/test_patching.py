@@ -72,6 +72,7 @@ def test_inherited_method_is_patched_on_the_subclass_and_reverted_by_deletion(to
     "overrides, reason",
     [
         (dict(versions="<1"), "outside the supported range '<1'"),
+        (dict(versions="<1", upstream_has_it=">=1"), "already has this change upstream (none (test))"),
         (dict(signature=("q", "k")), "has signature (q, k, v), expected (q, k)"),
         (dict(targets=("toy_engine.ops:attend", "toy_engine.gone:attend")), "target toy_engine.gone:attend is missing"),
         (dict(targets=("toy_engine.ops:attend", "toy_engine.ops:nothing")), "target toy_engine.ops:nothing is missing"),

@@ -201,6 +201,8 @@ def version_problem(patch: Patch) -> str | None:
     if version is None:
         return f"{patch.engine} is not installed"
     if not SpecifierSet(patch.versions).contains(version, prereleases=True):
+        if patch.upstream_has_it and SpecifierSet(patch.upstream_has_it).contains(version, prereleases=True):
+            return f"{patch.engine} {version} already has this change upstream ({patch.upstream})"
         return f"{patch.engine} {version} is outside the supported range {patch.versions!r}"
     return None
 

@@ -86,6 +86,7 @@ def test_each_patch_applies_or_skips_as_declared(patch_id):
         assert result.status == "skipped"
         assert result.reason == version_problem(patch)
         assert f"sglang {RELEASE}" in result.reason
+        assert ("already has this change upstream" in result.reason) == (cell == "upstream already has it")
 
 
 @pytest.mark.parametrize("patch_id", APPLYING)
