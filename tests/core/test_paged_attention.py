@@ -179,6 +179,27 @@ def test_many_segments_merge_in_several_reduction_steps(monkeypatch):
     assert plan.num_segments == 8 and plan.reduce_constexprs["SEGMENT_BLOCK"] == 2
 
 
+def test_plan_constexprs_lead_each_kernels_constexprs_in_order():
+    """paged_attention passes the plan's constexprs positionally, then each call's flags: the orders must agree."""
+    from triton.runtime.jit import JITFunction
+
+    from attnplug.core.attention import kernels
+
+    batch = Batch(DECODE_LENS + PREFILL_LENS, num_decodes=5, num_q_heads=4, num_kv_heads=2, head_size=32,
+                  page_size=16, dtype=torch.float32)
+    plan = batch.plan(split_kv_policy=split(4))
+    per_call = {"_decode_split_kv_kernel": ["USE_SOFTCAP", "USE_SINKS", "USE_WINDOW", "K_DIM_CONTIGUOUS",
+                                            "V_DIM_CONTIGUOUS", "DOT_PRECISION"],
+                "_reduce_segments_kernel": ["USE_SINKS", "USE_WINDOW"],
+                "_prefill_kernel": ["CAUSAL", "USE_SOFTCAP", "USE_SINKS", "USE_WINDOW_LEFT", "USE_WINDOW_RIGHT",
+                                    "K_DIM_CONTIGUOUS", "V_DIM_CONTIGUOUS", "DOT_PRECISION"]}
+    for name, from_plan in (("_decode_split_kv_kernel", plan.decode_constexprs),
+                            ("_reduce_segments_kernel", plan.reduce_constexprs),
+                            ("_prefill_kernel", plan.prefill_constexprs)):
+        params = JITFunction(getattr(kernels, name).fn).params
+        assert [p.name for p in params if p.is_constexpr] == [*from_plan, *per_call[name]], name
+
+
 def test_default_policy_decode_only_fp16():
     batch = Batch(DECODE_LENS, num_decodes=5, num_q_heads=8, num_kv_heads=2, head_size=64, page_size=1,
                   dtype=torch.float16, seed=3)

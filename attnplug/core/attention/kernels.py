@@ -130,10 +130,10 @@ def _decode_split_kv_kernel(
     PAGE_SIZE: tl.constexpr,
     TILE_N: tl.constexpr,
     MIN_SEGMENT_TILES: tl.constexpr,
+    SINGLE_SEGMENT: tl.constexpr,  # the constexprs above come from the plan, those below from each call
     USE_SOFTCAP: tl.constexpr,
     USE_SINKS: tl.constexpr,
     USE_WINDOW: tl.constexpr,
-    SINGLE_SEGMENT: tl.constexpr,
     K_DIM_CONTIGUOUS: tl.constexpr,
     V_DIM_CONTIGUOUS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32), else "tf32" (unused for 16-bit)
@@ -223,7 +223,7 @@ def _reduce_segments_kernel(
     SEGMENTS_PAD: tl.constexpr,  # power of two >= num_segments
     SEGMENT_BLOCK: tl.constexpr,  # partial outputs merged per step
     TILE_N: tl.constexpr,
-    MIN_SEGMENT_TILES: tl.constexpr,
+    MIN_SEGMENT_TILES: tl.constexpr,  # the constexprs above come from the plan, those below from each call
     USE_SINKS: tl.constexpr,
     USE_WINDOW: tl.constexpr,
 ):
@@ -320,7 +320,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,  # rows per program: BLOCK_Q tokens x QUERIES_PER_KV heads, padded
     BLOCK_Q: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
-    TILE_N: tl.constexpr,
+    TILE_N: tl.constexpr,  # the constexprs above come from the plan, those below from each call
     CAUSAL: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     USE_SINKS: tl.constexpr,

@@ -110,25 +110,27 @@ def paged_attention(
         return out
     window_left, window_right = window_size
     use_softcap = softcap > 0
-    flags = dict(USE_SOFTCAP=use_softcap, USE_SINKS=sinks is not None,
-                 K_DIM_CONTIGUOUS=k_cache.stride(3) == 1, V_DIM_CONTIGUOUS=v_cache.stride(3) == 1,
-                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    use_sinks = sinks is not None
+    use_window = window_left >= 0
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     common = (q, k_cache, v_cache, block_table, plan.seq_lens, plan.query_start_loc, sinks,
               float(softmax_scale), float(softcap) if use_softcap else 0.0, max(window_left, 0))
-    strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
-               *k_cache.stride(), *v_cache.stride())
+    q_strides, out_strides, k_strides, v_strides = q.stride(), out.stride(), k_cache.stride(), v_cache.stride()
+    k_dim_contiguous, v_dim_contiguous = k_strides[3] == 1, v_strides[3] == 1
+    strides = (q_strides[0], q_strides[1], out_strides[0], out_strides[1], block_table.stride(0), *k_strides, *v_strides)
+    # constexprs go positionally, the plan's first (their dict order is the kernel's): a cheaper launch key
 
     if plan.num_decodes:
-        use_window = window_left >= 0
         _launch_decode(
             plan.decode_grid, out, plan.segment_out, plan.segment_lse, *common, plan.num_segments, *strides,
-            USE_WINDOW=use_window, **flags, **plan.decode_constexprs,
+            *plan.decode_constexprs.values(), use_softcap, use_sinks, use_window, k_dim_contiguous,
+            v_dim_contiguous, dot_precision, **plan.decode_options,
         )
         if plan.num_segments > 1:
             _launch_reduce(
                 plan.reduce_grid, out, plan.segment_out, plan.segment_lse, plan.seq_lens, plan.query_start_loc, sinks,
-                max(window_left, 0), plan.num_segments, out.stride(0), out.stride(1),
-                USE_SINKS=sinks is not None, USE_WINDOW=use_window, **plan.reduce_constexprs,
+                max(window_left, 0), plan.num_segments, out_strides[0], out_strides[1],
+                *plan.reduce_constexprs.values(), use_sinks, use_window, **plan.reduce_options,
             )
 
     num_prefills = plan.num_seqs - plan.num_decodes
@@ -138,7 +140,7 @@ def paged_attention(
         grid = (num_prefill_tokens // block_q + num_prefills, plan.num_kv_heads)
         _launch_prefill(
             grid, out, *common, max(window_right, 0), plan.num_decodes, plan.num_seqs, *strides,
-            CAUSAL=bool(causal), USE_WINDOW_LEFT=window_left >= 0, USE_WINDOW_RIGHT=window_right >= 0,
-            **flags, **plan.prefill_constexprs,
+            *plan.prefill_constexprs.values(), bool(causal), use_softcap, use_sinks, use_window,
+            window_right >= 0, k_dim_contiguous, v_dim_contiguous, dot_precision, **plan.prefill_options,
         )
     return out

@@ -201,9 +201,14 @@ class AttentionPlan:
     max_num_tokens: Optional[int]  # from the workspace, checked against q
     decode_grid: tuple
     reduce_grid: tuple
+    # Per kernel: the constexprs the plan fixes, in the kernel's parameter order (they lead its
+    # constexprs and are passed positionally: a cheaper launch), and the launch options.
     decode_constexprs: dict
     reduce_constexprs: dict
     prefill_constexprs: dict
+    decode_options: dict
+    reduce_options: dict
+    prefill_options: dict
 
     @property
     def num_prefills(self) -> int:
@@ -312,19 +317,16 @@ def plan_attention(
         NUM_Q_HEADS=num_q_heads, QUERIES_PER_KV=queries_per_kv, HEAD_SIZE=head_size, HEAD_PAD=head_pad,
         BLOCK_M=max(16, triton.next_power_of_2(queries_per_kv)), PAGE_SIZE=page_size, TILE_N=DECODE_TILE_N,
         MIN_SEGMENT_TILES=MIN_SEGMENT_TILES, SINGLE_SEGMENT=single_segment,
-        num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
     )
     segments_pad = triton.next_power_of_2(num_segments)
     reduce_constexprs = dict(
         NUM_Q_HEADS=num_q_heads, HEAD_SIZE=head_size, HEAD_PAD=head_pad, SEGMENTS_PAD=segments_pad,
         SEGMENT_BLOCK=min(SEGMENT_BLOCK, segments_pad), TILE_N=DECODE_TILE_N, MIN_SEGMENT_TILES=MIN_SEGMENT_TILES,
-        num_warps=4,
     )
     prefill_block_m = max(PREFILL_BLOCK_M, triton.next_power_of_2(queries_per_kv))
     prefill_constexprs = dict(
         QUERIES_PER_KV=queries_per_kv, HEAD_SIZE=head_size, HEAD_PAD=head_pad, BLOCK_M=prefill_block_m,
         BLOCK_Q=prefill_block_m // queries_per_kv, PAGE_SIZE=page_size, TILE_N=PREFILL_TILE_N,
-        num_warps=PREFILL_NUM_WARPS, num_stages=PREFILL_NUM_STAGES,
     )
     return AttentionPlan(
         query_start_loc=query_start_loc, seq_lens=seq_lens, num_seqs=num_seqs, num_decodes=num_decodes,
@@ -335,4 +337,7 @@ def plan_attention(
         decode_grid=(num_segments, num_kv_heads, num_decodes), reduce_grid=(num_decodes, num_q_heads),
         decode_constexprs=decode_constexprs, reduce_constexprs=reduce_constexprs,
         prefill_constexprs=prefill_constexprs,
+        decode_options=dict(num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES),
+        reduce_options=dict(num_warps=4),
+        prefill_options=dict(num_warps=PREFILL_NUM_WARPS, num_stages=PREFILL_NUM_STAGES),
     )
