@@ -198,6 +198,9 @@ SWEEP_TILES = {  # name -> (DECODE_TILE_N, MIN_SEGMENT_TILES, DECODE_NUM_WARPS, 
     "t64m2w8": (64, 2, 8, 3),
     "t32m4s4": (32, 4, 4, 4),
     "t128m1s2": (128, 1, 8, 2),
+    "t64m2s2w8": (64, 2, 8, 2),
+    "t32m4s2": (32, 4, 4, 2),
+    "t32m4s3": (32, 4, 4, 3),
 }
 SWEEP_SEGMENTS = [1, 2, 3, 4, 6, 8, 11, 12, 16, 22, 24, 33, 44, 48, 66, 88, 128]
 TILE_RULE = ("DECODE_TILE_N", "MIN_SEGMENT_TILES", "DECODE_NUM_WARPS", "DECODE_NUM_STAGES")
