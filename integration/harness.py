@@ -387,14 +387,19 @@ def _wait_ready(launch: Launch, process: subprocess.Popen, base_url: str, log_pa
     )
 
 
-def _group_alive(pgid: int) -> bool:
+def _signal_reaches(send_signal_zero) -> bool:
+    """Whether a process (group) exists: signal 0 reaches it, or exists but belongs to another user."""
     try:
-        os.killpg(pgid, 0)
+        send_signal_zero()
         return True
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+
+
+def _group_alive(pgid: int) -> bool:
+    return _signal_reaches(lambda: os.killpg(pgid, 0))
 
 
 def stop(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
@@ -524,15 +529,7 @@ def wait_for_reports(report_dir: Path, since: float, *, timeout_s: float = 10.0)
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+    return pid > 0 and _signal_reaches(lambda: os.kill(pid, 0))
 
 
 def read_reports(report_dir: Path) -> list[dict]:
@@ -542,6 +539,19 @@ def read_reports(report_dir: Path) -> list[dict]:
         with contextlib.suppress(json.JSONDecodeError, OSError):
             reports.append(json.loads(path.read_text()))
     return sorted(reports, key=lambda report: report.get("pid", 0))
+
+
+def apply_env_overrides(env: dict[str, str], overrides, report_dir: Path | None) -> dict[str, str]:
+    """``env`` with attnplug's report dir (if any) and a config's ``(name, value)`` overrides applied
+    (a value of None removes the variable)."""
+    if report_dir is not None:
+        env["ATTNPLUG_REPORT_DIR"] = str(report_dir)
+    for name, value in overrides:
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
 
 
 def prepare_workdir(workdir: Path, *, reports: bool) -> Path | None:

@@ -82,14 +82,7 @@ def server_env(config: SglangConfig, scratch: Path, report_dir: Path | None) -> 
         NO_PROXY="127.0.0.1,localhost",
         no_proxy="127.0.0.1,localhost",
     )
-    if report_dir is not None:
-        env["ATTNPLUG_REPORT_DIR"] = str(report_dir)
-    for name, value in config.env:
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
-    return env
+    return harness.apply_env_overrides(env, config.env, report_dir)
 
 
 def chat(server: harness.RunningServer, model: str, messages, *, max_tokens: int = 16) -> harness.Generation:

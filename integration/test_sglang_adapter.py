@@ -26,7 +26,7 @@ from xml.etree import ElementTree
 import pytest
 
 from attnplug.adapters.sglang.triton_splits import PLAN_COUNTER
-from integration import harness, sglang_envs
+from integration import harness, sglang_envs, workload
 
 pytestmark = pytest.mark.live
 
@@ -124,17 +124,7 @@ def test_patch_checks_pass_in_engine(release: str, tmp_path: Path) -> None:
 # Live: SGLang 0.5.23's triton backend, stock vs sglang.triton.kv_splits
 # --------------------------------------------------------------------------------------------------
 
-PROMPTS = (
-    "The quick brown fox",
-    "Attention kernels read the key and value cache",
-    "def add(a, b):",
-    (
-        "One, two, three, four, five, six, seven, eight, nine, ten. The capital of France is Paris; "
-        "the capital of Japan is Tokyo. A paged KV cache stores tokens in fixed-size blocks."
-    ),
-)
-CHAT_MESSAGES = ({"role": "user", "content": "Speculative decoding drafts several tokens. Explain."},)
-MAX_TOKENS = 16
+PROMPTS = workload.PROMPTS[:4]  # the long prompt included
 
 
 def _triton_config(label: str, patches: str | None):
@@ -153,8 +143,8 @@ def _serve_and_generate(config, python: Path, model_dir: Path, workdir: Path):
 
     with serve(config, python=python, model_dir=model_dir, workdir=workdir / config.label) as server:
         model = server.info["model"]
-        completions = harness.complete(server, model, PROMPTS, max_tokens=MAX_TOKENS)
-        chat = harness.chat(server, model, CHAT_MESSAGES, max_tokens=MAX_TOKENS)
+        completions = harness.complete(server, model, PROMPTS, max_tokens=workload.MAX_TOKENS)
+        chat = harness.chat(server, model, workload.CHAT_MESSAGES, max_tokens=workload.MAX_TOKENS)
         report_dir = server.info["report_dir"]
         reports = harness.wait_for_reports(report_dir, since=time.time()) if report_dir is not None else []
     return completions, chat, reports, server.log_text()
@@ -171,10 +161,10 @@ def test_patched_triton_server_gives_stock_tokens(tmp_path: Path) -> None:
     patched = _serve_and_generate(_triton_config("triton-kv-splits", "sglang.triton.kv_splits"), python, model_dir,
                                   tmp_path)
     (stock_completions, stock_chat, _, _), (completions, chat, reports, log) = stock, patched
-    assert all(len(g.token_ids or ()) == MAX_TOKENS for g in stock_completions), stock_completions
+    assert all(len(g.token_ids or ()) == workload.MAX_TOKENS for g in stock_completions), stock_completions
     assert [g.key for g in completions] == [g.key for g in stock_completions]
     assert chat.key == stock_chat.key
     schedulers = [r for r in reports if r.get("patches", {}).get("sglang.triton.kv_splits")]
     assert schedulers, f"no attnplug report names the patch; reports: {reports}\n{log[-3000:]}"
     assert all(r["patches"]["sglang.triton.kv_splits"]["status"] == "applied" for r in schedulers), schedulers
-    assert sum(r["op_calls"].get(PLAN_COUNTER, 0) for r in schedulers) >= MAX_TOKENS - 1, schedulers
+    assert sum(r["op_calls"].get(PLAN_COUNTER, 0) for r in schedulers) >= workload.MAX_TOKENS - 1, schedulers

@@ -25,26 +25,10 @@ import pytest
 
 from integration import harness, sglang_server
 from integration.sglang_server import ATTNPLUG_PLUGIN, SglangConfig, serve
+from integration.workload import CHAT_MESSAGES, CONCURRENT_PROMPTS, MAX_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.live
 
-MAX_TOKENS = 16
-PROMPTS = (
-    "The quick brown fox",
-    "Attention kernels read the key and value cache",
-    "def add(a, b):",
-    # ~100 tokens: a long prefill, then decodes past a 64-token kernel tile
-    (
-        "One, two, three, four, five, six, seven, eight, nine, ten. The capital of France is Paris; "
-        "the capital of Japan is Tokyo. A paged KV cache stores tokens in fixed-size blocks. "
-        "Speculative decoding drafts several tokens and verifies them at once. Hello, my name is Ada "
-        "and I like numbers, graphs and tea. The quick brown fox jumps over the lazy dog."
-    ),
-    "Hello, my name is",
-)
-CHAT_MESSAGES = ({"role": "user", "content": "Speculative decoding drafts several tokens. Explain."},)
-# Shared prefixes: later requests extend radix-cached prefixes (extend batches with a prefix).
-CONCURRENT_PROMPTS = tuple(f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(16))
 RUNNING, LATE = 3, 1  # the long prompt keeps decoding while CONCURRENT_PROMPTS[1] arrives
 NUM_LAYERS = 2  # integration/tiny_model.py
 

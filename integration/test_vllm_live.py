@@ -23,25 +23,10 @@ import pytest
 
 from integration import harness
 from integration.vllm_server import SHIM_PLUGIN, TRITON_BACKEND, VllmConfig, serve
+from integration.workload import CHAT_MESSAGES, CONCURRENT_PROMPTS, MAX_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.live
 
-MAX_TOKENS = 16
-PROMPTS = (
-    "The quick brown fox",
-    "Attention kernels read the key and value cache",
-    "def add(a, b):",
-    # ~100 tokens: spans 4 KV-cache blocks of 32 (BASE_ARGS), so attention walks the block table.
-    (
-        "One, two, three, four, five, six, seven, eight, nine, ten. The capital of France is Paris; "
-        "the capital of Japan is Tokyo. A paged KV cache stores tokens in fixed-size blocks. "
-        "Speculative decoding drafts several tokens and verifies them at once. Hello, my name is Ada "
-        "and I like numbers, graphs and tea. The quick brown fox jumps over the lazy dog."
-    ),
-    "Hello, my name is",
-)
-CHAT_MESSAGES = ({"role": "user", "content": "Speculative decoding drafts several tokens. Explain."},)
-CONCURRENT_PROMPTS = tuple(f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(16))
 
 # Baselines load only the shim's plugin, so attnplug's own plugin (work in progress) cannot affect them.
 STOCK = VllmConfig.make("stock", env={"VLLM_PLUGINS": SHIM_PLUGIN})

@@ -92,14 +92,7 @@ def server_env(config: VllmConfig, scratch: Path, report_dir: Path | None, tmpdi
     )
     if config.cpu_attn_class is not None:
         env[SHIM_CLASS_ENV] = config.cpu_attn_class
-    if report_dir is not None:
-        env["ATTNPLUG_REPORT_DIR"] = str(report_dir)
-    for name, value in config.env:
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
-    return env
+    return harness.apply_env_overrides(env, config.env, report_dir)
 
 
 def launch(config: VllmConfig, *, python: Path, model_dir: Path, scratch: Path,

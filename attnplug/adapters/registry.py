@@ -34,7 +34,7 @@ def select_patches(engine: str, selection: str) -> list[Patch]:
     Ids of other engines' patches are accepted and left to those engines; an unknown id raises
     :class:`UnknownPatchError` naming it and the known ids.
     """
-    names = [name.strip() for name in selection.split(",") if name.strip()]
+    names = _names(selection)
     if names == ["all"]:
         return engine_patches(engine)
     known = all_patches()
@@ -49,5 +49,10 @@ def select_patches(engine: str, selection: str) -> list[Patch]:
 
 def named_patch_ids(selection: str) -> frozenset[str]:
     """The ids an ``ATTNPLUG_PATCHES`` value names explicitly ("all" names none: opt-in patches stay off)."""
-    names = frozenset(name.strip() for name in selection.split(",") if name.strip())
-    return frozenset() if names == {"all"} else names
+    names = _names(selection)
+    return frozenset() if names == ["all"] else frozenset(names)
+
+
+def _names(selection: str) -> list[str]:
+    """The comma-separated entries of an ``ATTNPLUG_PATCHES`` value, stripped, empty ones dropped."""
+    return [name.strip() for name in selection.split(",") if name.strip()]
