@@ -1,5 +1,6 @@
-"""The SGLang venvs the adapter tests run in: 0.5.23 (newest) and 0.5.9 (last release before the
-fused decode-metadata kernel of SGLang PR 20778).
+"""The SGLang venvs the adapter tests run in: 0.5.23 (newest); 0.5.9 (the last release before the
+fused decode-metadata kernel of SGLang PR 20778); 0.5.10.post1 (fused metadata, but no FA3
+scheduler-metadata precompute, which 0.5.11 added, while its sglang-kernel 0.4.1 can compute one).
 
 0.5.23's spec is the live-server helper's (``integration/sglang_server.py``) when that module
 defines one, so both test files share one cached venv; this file defines its own otherwise.
@@ -7,17 +8,20 @@ defines one, so both test files share one cached venv; this file defines its own
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from integration import harness
 
 OLD_VERSION = "0.5.9"  # last release with the unfused decode metadata (0.5.10 has PR 20778)
+NO_PRECOMPUTE_VERSION = "0.5.10.post1"  # the 0.5.10 line: get_scheduler_metadata exists, SGLang never calls it
 NEW_VERSION = "0.5.23"
 
 # Test-only stand-ins for sgl_kernel's CUDA library on CPU, first on PYTHONPATH inside the checks:
-# 0.5.23's (the live-server one) and 0.5.9's (which imports sgl_kernel.kvcacheio at module level).
+# 0.5.23's (the live-server one) and 0.5.9's / 0.5.10's (which import sgl_kernel.kvcacheio at module level).
 SGL_KERNEL_STAND_IN_DIRS = {
     OLD_VERSION: harness.INTEGRATION_DIR / "shims" / "sgl_kernel_stub",
+    NO_PRECOMPUTE_VERSION: harness.INTEGRATION_DIR / "shims" / "sgl_kernel_stub",
     NEW_VERSION: harness.INTEGRATION_DIR / "shims" / "sgl_kernel_cpu",
 }
 
@@ -30,6 +34,12 @@ SGLANG_0_5_9_VENV = harness.VenvSpec(
     # Importing the attention backends needs the sgl_kernel stand-in on PYTHONPATH (not so here):
     # the real sgl_kernel 0.3.21 fails without libcuda.so.1.
     smoke_imports=("transformers.models.llama", "sglang.srt.layers.attention.attention_registry"),
+)
+
+SGLANG_0_5_10_VENV = dataclasses.replace(
+    SGLANG_0_5_9_VENV,  # the same pins that matter here: torch 2.9.1, triton 3.5.1 (so numpy < 2.4 too)
+    name=f"sglang-{NO_PRECOMPUTE_VERSION}",
+    requirements=(f"sglang=={NO_PRECOMPUTE_VERSION}", "numpy<2.4", "pluggy>=1.3", "pytest"),
 )
 
 
@@ -51,7 +61,11 @@ def _new_venv_spec() -> harness.VenvSpec:
 
 SGLANG_0_5_23_VENV = _new_venv_spec()
 
-VENVS: dict[str, harness.VenvSpec] = {OLD_VERSION: SGLANG_0_5_9_VENV, NEW_VERSION: SGLANG_0_5_23_VENV}
+VENVS: dict[str, harness.VenvSpec] = {
+    OLD_VERSION: SGLANG_0_5_9_VENV,
+    NO_PRECOMPUTE_VERSION: SGLANG_0_5_10_VENV,
+    NEW_VERSION: SGLANG_0_5_23_VENV,
+}
 
 
 def ensure_sglang_venv(version: str) -> Path:

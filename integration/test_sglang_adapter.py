@@ -1,4 +1,5 @@
-"""attnplug's patches of SGLang's own backends, against the real installed releases 0.5.9 and 0.5.23.
+"""attnplug's patches of SGLang's own backends, against the real installed releases 0.5.9, 0.5.10.post1
+and 0.5.23.
 
 - ``test_patch_checks_pass_in_engine``: runs ``integration/in_engine/sglang_checks.py`` inside each
   release's harness venv (built once and cached, ~10 GB each) and requires exactly the expected
@@ -10,9 +11,9 @@
   has no core count and never plans a split; the test-only ``integration/shims/sglang_triton_cores``
   gives both servers the same count so that the stock heuristic and attnplug's plan really run.
 
-0.5.9 is not served live: it has no plugin loader (attnplug could only enter through a launcher
-that patches the spawned scheduler), and its patch (``sglang.fa.decode_metadata``) is for the
-FlashAttention backend, which needs a GPU.
+0.5.9 and 0.5.10.post1 are not served live: they have no plugin loader (attnplug could only enter
+through a launcher that patches the spawned scheduler), and their patches (``sglang.fa.decode_metadata``,
+``sglang.fa.scheduler_metadata``) are for the FlashAttention backend, which needs a GPU.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
+from packaging.version import Version
 
 from attnplug.adapters.sglang.triton_splits import PLAN_COUNTER
 from integration import harness, sglang_envs, workload
@@ -48,6 +50,17 @@ MUST_PASS = {
         "test_replay_calls_the_fused_kernel_cannot_take_go_to_the_original",
         "test_eager_normal_decode_metadata_matches_original",
         "test_eager_draft_decode_goes_to_the_original",
+    ),
+    "0.5.10.post1": (
+        "test_release_is_tested_and_every_patch_is_declared",
+        "test_each_patch_applies_or_skips_as_declared",
+        "test_applying_patch_targets_resolve_and_revert_restores_identity[sglang.fa.scheduler_metadata]",
+        "test_0_5_10_facts_behind_the_patches",
+        "test_eager_decode_computes_scheduler_metadata_once_for_every_layer",
+        "test_draft_decode_and_swa_layers_get_no_scheduler_metadata",
+        "test_graph_scheduler_metadata_is_refreshed_in_place_at_every_replay",
+        "test_without_get_scheduler_metadata_the_backend_stays_stock",
+        "test_revert_makes_later_backends_stock",
     ),
     "0.5.23": (
         "test_release_is_tested_and_every_patch_is_declared",
@@ -95,7 +108,7 @@ def outcomes(junit_xml: Path) -> dict[str, tuple[str, str]]:
     return results
 
 
-@pytest.mark.parametrize("release", sorted(sglang_envs.VENVS, key=lambda v: tuple(map(int, v.split(".")))))
+@pytest.mark.parametrize("release", sorted(sglang_envs.VENVS, key=Version))
 def test_patch_checks_pass_in_engine(release: str, tmp_path: Path) -> None:
     python = sglang_envs.ensure_sglang_venv(release)
     ensure_pytest(python)

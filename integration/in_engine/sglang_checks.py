@@ -1,4 +1,4 @@
-"""Checks of attnplug's SGLang patches against the installed SGLang (0.5.9 or 0.5.23).
+"""Checks of attnplug's SGLang patches against the installed SGLang (0.5.9, 0.5.10.post1 or 0.5.23).
 
 Run inside an SGLang venv by ``integration/test_sglang_adapter.py`` with ``TRITON_INTERPRET=1`` and
 the test-only ``sgl_kernel`` CPU stand-in first on ``PYTHONPATH`` (not collected by the top-level
@@ -12,6 +12,8 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import inspect
+import sys
+import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +26,7 @@ from attnplug.adapters.docs import matrix_cell
 from attnplug.adapters.engines import ENGINES
 from attnplug.adapters.patching import check_patch, resolve_target, version_problem
 from attnplug.adapters.registry import engine_patches
+from attnplug.core.fa3 import find_fa3_binding
 
 RELEASE = str(ENGINES["sglang"].installed_version())
 PATCHES = {patch.id: patch for patch in engine_patches("sglang")}
@@ -39,6 +42,12 @@ EXPECTED = {
         "sglang.spec.metadata_copy": "upstream already has it",
         "sglang.triton.kv_splits": "not applicable",
     },
+    "0.5.10.post1": {
+        "sglang.fa.decode_metadata": "upstream already has it",
+        "sglang.fa.scheduler_metadata": "applies",
+        "sglang.spec.metadata_copy": "upstream already has it",
+        "sglang.triton.kv_splits": "not applicable",
+    },
     "0.5.23": {
         "sglang.fa.decode_metadata": "upstream already has it",
         "sglang.fa.scheduler_metadata": "upstream already has it",
@@ -48,6 +57,7 @@ EXPECTED = {
 }
 APPLYING = [patch_id for patch_id, cell in EXPECTED.get(RELEASE, {}).items() if cell.startswith(("applies", "opt-in"))]
 old_release = pytest.mark.skipif(RELEASE != "0.5.9", reason="SGLang 0.5.9 only")
+no_precompute_release = pytest.mark.skipif(RELEASE != "0.5.10.post1", reason="SGLang 0.5.10.post1 only")
 new_release = pytest.mark.skipif(RELEASE != "0.5.23", reason="SGLang 0.5.23 only")
 
 
@@ -123,6 +133,21 @@ def test_0_5_9_facts_behind_the_skips():
     # NSA multi-step already copies with SGLang's fused kernel (PR 17554)
     assert "fused_metadata_copy_multi_cuda" in _source("sglang.srt.layers.attention.nsa_backend")
     # Triton's get_num_kv_splits has 0.5.9's signature (no uneven_batch): the declaration covers 0.5.23's
+    from sglang.srt.layers.attention import triton_backend
+
+    assert tuple(inspect.signature(triton_backend.TritonAttnBackend.get_num_kv_splits).parameters) == (
+        "self", "num_kv_splits", "seq_lens")
+
+
+@no_precompute_release
+def test_0_5_10_facts_behind_the_patches():
+    fa = _source(_FA)
+    assert "scheduler_metadata" not in fa  # no FA3 precompute in the backend ...
+    kernel = _installed_file("sglang-kernel", "sgl_kernel/flash_attn.py")  # ... though its kernel can compute one
+    assert importlib.metadata.version("sglang-kernel") == "0.4.1"
+    assert "def get_scheduler_metadata(" in kernel and "    scheduler_metadata=None," in kernel
+    assert "_fused_metadata_kernel_ps1_no_swa" in fa  # the decode metadata is fused upstream (PR 20778)
+    assert "fused_metadata_copy_multi_cuda" in _source("sglang.srt.layers.attention.nsa_backend")
     from sglang.srt.layers.attention import triton_backend
 
     assert tuple(inspect.signature(triton_backend.TritonAttnBackend.get_num_kv_splits).parameters) == (
@@ -295,6 +320,330 @@ def test_eager_draft_decode_goes_to_the_original():
     backend.init_forward_metadata(batch)
     assert report.op_calls["fused_decode_metadata"] == calls
     _assert_same_metadata(expected, backend.forward_metadata)
+
+
+# --------------------------------------------------------------------------------------------------
+# sglang.fa.scheduler_metadata on 0.5.10.post1: computed once per batch, passed where 0.5.11 passes it
+# --------------------------------------------------------------------------------------------------
+
+Q_HEADS, KV_HEADS, HEAD_DIM, LAYERS = 4, 2, 32, 2
+
+
+class _StandInFlashAttention:
+    """TEST-ONLY stand-in for sglang-kernel 0.4.1's ``sgl_kernel.flash_attn`` (there is no FA3 on CPU).
+
+    ``get_scheduler_metadata`` (the real signature) records its arguments and returns int32
+    [1 + 3 * bs] encoding the batch it was computed for (bs, cache_seqlens, cu_seqlens_q[1:],
+    max_seqlen_k). ``flash_attn_with_kvcache`` (the real signature) records its arguments, fails on
+    scheduler metadata of another batch (stale metadata is what would break FA3) and computes
+    paged decode attention in float64.
+    """
+
+    def __init__(self, *, with_scheduler: bool = True):
+        self.metadata_calls: list[dict] = []
+        self.attention_calls: list[dict] = []
+        self.module = types.ModuleType("sgl_kernel.flash_attn")
+        self.module.flash_attn_with_kvcache = self.flash_attn_with_kvcache
+        self.module.flash_attn_varlen_func = self.flash_attn_varlen_func
+        if with_scheduler:
+            self.module.get_scheduler_metadata = self.get_scheduler_metadata
+
+    @staticmethod
+    def encode(cache_seqlens, cu_seqlens_q, max_seqlen_k) -> torch.Tensor:
+        bs = cache_seqlens.shape[0]
+        return torch.cat([torch.tensor([bs]), cache_seqlens.long(), cu_seqlens_q[1:].long(),
+                          torch.full((bs,), max_seqlen_k)]).to(torch.int32)
+
+    def get_scheduler_metadata(self, batch_size, max_seqlen_q, max_seqlen_k, num_heads, num_heads_k, headdim,
+                               cache_seqlens, qkv_dtype=torch.bfloat16, headdim_v=None, cu_seqlens_q=None,
+                               cu_seqlens_k=None, cu_seqlens_k_new=None, seqused_q=None, leftpad_k=None,
+                               page_size=None, max_seqlen_k_new=0, causal=False, window_size=(-1, -1),
+                               attention_chunk=0, has_softcap=False, num_splits=0, pack_gqa=None, sm_margin=0):
+        self.metadata_calls.append(dict(
+            batch_size=batch_size, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_heads=num_heads,
+            num_heads_k=num_heads_k, headdim=headdim, headdim_v=headdim if headdim_v is None else headdim_v,
+            qkv_dtype=qkv_dtype, cache_seqlens=cache_seqlens, cu_seqlens_q=cu_seqlens_q, page_size=page_size,
+            causal=causal, window_size=tuple(window_size), has_softcap=has_softcap, num_splits=num_splits,
+            pack_gqa=pack_gqa, sm_margin=sm_margin, unused=(cu_seqlens_k, cu_seqlens_k_new, seqused_q, leftpad_k,
+                                                            max_seqlen_k_new, attention_chunk)))
+        return self.encode(cache_seqlens, cu_seqlens_q, max_seqlen_k)
+
+    def flash_attn_with_kvcache(self, q, k_cache, v_cache, k=None, v=None, qv=None, rotary_cos=None, rotary_sin=None,
+                                cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, page_table=None,
+                                cu_seqlens_q=None, cu_seqlens_k_new=None, max_seqlen_q=None, rotary_seqlens=None,
+                                q_descale=None, k_descale=None, v_descale=None, softmax_scale=None, causal=False,
+                                window_size=(-1, -1), attention_chunk=None, softcap=0.0, rotary_interleaved=True,
+                                scheduler_metadata=None, num_splits=0, pack_gqa=None, sm_margin=0,
+                                return_softmax_lse=False, sinks=None, score_mod=None, aux_tensors=None, ver=3):
+        self.attention_calls.append(dict(
+            q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, page_table=page_table,
+            cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, causal=causal, window_size=tuple(window_size),
+            softcap=softcap, scheduler_metadata=scheduler_metadata, num_splits=num_splits, pack_gqa=pack_gqa,
+            sm_margin=sm_margin))
+        assert k is None and v is None and cu_seqlens_k_new is None and not return_softmax_lse and max_seqlen_q == 1
+        if scheduler_metadata is not None:
+            bs = cache_seqlens.shape[0]
+            this_batch = self.encode(cache_seqlens, cu_seqlens_q, 0)[: 1 + 2 * bs]
+            assert torch.equal(scheduler_metadata[: 1 + 2 * bs], this_batch), ("stale", scheduler_metadata, this_batch)
+        page_size, group = k_cache.shape[1], q.shape[1] // k_cache.shape[2]
+        out = torch.empty_like(q)
+        for i, length in enumerate(cache_seqlens.tolist()):
+            positions = torch.arange(length)
+            if window_size[0] >= 0:
+                positions = positions[positions >= length - 1 - window_size[0]]
+            pages = page_table[i, positions // page_size].long()
+            keys = k_cache[pages, positions % page_size].double().repeat_interleave(group, dim=1)  # [n, H, D]
+            values = v_cache[pages, positions % page_size].double().repeat_interleave(group, dim=1)
+            logits = torch.einsum("hd,nhd->hn", q[i].double(), keys) * softmax_scale
+            if softcap > 0:
+                logits = softcap * torch.tanh(logits / softcap)
+            out[i] = torch.einsum("hn,nhd->hd", torch.softmax(logits, dim=-1), values).to(q.dtype)
+        return out
+
+    def flash_attn_varlen_func(self, *args, **kwargs):
+        raise NotImplementedError("the stand-in serves decode only")
+
+
+def _use_fa3(monkeypatch, stand_in: _StandInFlashAttention) -> _StandInFlashAttention:
+    """Make ``stand_in`` the installed ``sgl_kernel.flash_attn`` for one test (attnplug's lookup included)."""
+    monkeypatch.setitem(sys.modules, "sgl_kernel.flash_attn", stand_in.module)
+    find_fa3_binding.cache_clear()  # attnplug looks the binding up once per process
+    return stand_in
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fa3_lookup():
+    yield
+    find_fa3_binding.cache_clear()  # no test's stand-in outlives it
+
+
+class _PagedPool:
+    """SGLang's KV pool for the FA backend: page-aligned token slots per request row, two layers of K/V."""
+
+    def __init__(self, generator: torch.Generator, page_size: int, rows: int = 7, max_context: int = 48):
+        pages_per_row, num_pages = max_context // page_size, (rows * max_context) // page_size + 3
+        pages = torch.randperm(num_pages, generator=generator)[: rows * pages_per_row].view(rows, pages_per_row)
+        self.req_to_token = (pages[:, :, None] * page_size + torch.arange(page_size)).reshape(rows, max_context).int()
+        shape = (num_pages * page_size, KV_HEADS, HEAD_DIM)
+        self.k = [torch.randn(shape, generator=generator) for _ in range(LAYERS)]
+        self.v = [torch.randn(shape, generator=generator) for _ in range(LAYERS)]
+        self.page_size = page_size
+
+    def model_runner(self):
+        from sglang.srt.configs.model_config import AttentionArch
+
+        config = SimpleNamespace(
+            is_encoder_decoder=False, context_len=self.req_to_token.shape[1], attention_arch=AttentionArch.MHA,
+            is_local_attention_model=False, head_dim=HEAD_DIM, get_num_kv_heads=lambda tp_size: KV_HEADS // tp_size,
+            hf_text_config=SimpleNamespace(num_attention_heads=Q_HEADS, attn_logit_softcapping=None),
+        )
+        server_args = SimpleNamespace(kv_cache_dtype="auto", speculative_eagle_topk=None,
+                                      speculative_num_draft_tokens=None, enable_deterministic_inference=False,
+                                      disable_cuda_graph=False)
+        return SimpleNamespace(
+            sliding_window_size=None, model_config=config, device=torch.device("cpu"), kv_cache_dtype=torch.float32,
+            req_to_token_pool=SimpleNamespace(req_to_token=self.req_to_token), server_args=server_args,
+            page_size=self.page_size, attn_cp_size=1, token_to_kv_pool=SimpleNamespace(), tp_size=1,
+        )
+
+    def backend(self):
+        """A FlashAttentionBackend built by SGLang's own ``__init__`` (patched or not, as applied now)."""
+        import importlib
+
+        return importlib.import_module(_FA).FlashAttentionBackend(self.model_runner())
+
+    def decode_batch(self, seq_lens: torch.Tensor, req_pool_indices: torch.Tensor, spec_info=None):
+        from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+        return SimpleNamespace(
+            forward_mode=ForwardMode.DECODE, spec_info=spec_info, encoder_lens=None, batch_size=seq_lens.shape[0],
+            seq_lens=seq_lens, seq_lens_cpu=seq_lens.clone(), req_pool_indices=req_pool_indices, out_cache_loc=None,
+            req_to_token_pool=SimpleNamespace(req_to_token=self.req_to_token),
+            token_to_kv_pool=SimpleNamespace(get_kv_buffer=lambda layer_id: (self.k[layer_id], self.v[layer_id])),
+        )
+
+    def reference(self, q, layer_id, seq_lens, req_pool_indices, window_left=-1) -> torch.Tensor:
+        """float64 decode attention over the request rows' token slots: q [bs, H * D] -> [bs, H * D]."""
+        group, rows = Q_HEADS // KV_HEADS, []
+        for qi, length, row in zip(q.view(-1, Q_HEADS, HEAD_DIM), seq_lens.tolist(), req_pool_indices.tolist()):
+            first = max(0, length - 1 - window_left) if window_left >= 0 else 0
+            slots = self.req_to_token[row, first:length].long()
+            keys = self.k[layer_id][slots].double().repeat_interleave(group, dim=1)
+            values = self.v[layer_id][slots].double().repeat_interleave(group, dim=1)
+            weights = torch.softmax(torch.einsum("hd,nhd->hn", qi.double(), keys) * HEAD_DIM**-0.5, dim=-1)
+            rows.append(torch.einsum("hn,nhd->hd", weights, values).reshape(-1))
+        return torch.stack(rows)
+
+
+def _layer(layer_id: int, sliding_window_size=None):
+    from sglang.srt.layers.radix_attention import AttentionType
+
+    return SimpleNamespace(layer_id=layer_id, is_cross_attention=False, attn_type=AttentionType.DECODER,
+                           sliding_window_size=sliding_window_size, tp_q_head_num=Q_HEADS, tp_k_head_num=KV_HEADS,
+                           tp_v_head_num=KV_HEADS, head_dim=HEAD_DIM, v_head_dim=HEAD_DIM, scaling=HEAD_DIM**-0.5,
+                           logit_cap=0.0, k_scale=None, v_scale=None)
+
+
+def _decode_all_layers(backend, batch, queries, layers=None) -> list[torch.Tensor]:
+    layers = layers or [_layer(i) for i in range(LAYERS)]
+    return [backend.forward_decode(q, None, None, layer, batch) for q, layer in zip(queries, layers)]
+
+
+def _assert_computed_for(metadata_call: dict, attention_call: dict) -> None:
+    """The scheduler metadata was computed with the scheduling parameters of the call it went to."""
+    q, k_cache, v_cache = attention_call["q"], attention_call["k_cache"], attention_call["v_cache"]
+    want = dict(batch_size=q.shape[0], max_seqlen_q=attention_call["max_seqlen_q"], num_heads=q.shape[1],
+                num_heads_k=k_cache.shape[2], headdim=q.shape[2], headdim_v=v_cache.shape[3], qkv_dtype=q.dtype,
+                page_size=k_cache.shape[1], causal=attention_call["causal"],
+                window_size=attention_call["window_size"], has_softcap=attention_call["softcap"] > 0,
+                num_splits=attention_call["num_splits"], pack_gqa=attention_call["pack_gqa"],
+                sm_margin=attention_call["sm_margin"])
+    assert {key: metadata_call[key] for key in want} == want
+    assert metadata_call["cache_seqlens"] is attention_call["cache_seqlens"]
+    assert metadata_call["cu_seqlens_q"] is attention_call["cu_seqlens_q"]
+
+
+def _random_decode(generator, pool: _PagedPool, bs: int):
+    max_context = pool.req_to_token.shape[1]
+    seq_lens = torch.randint(1, max_context + 1, (bs,), generator=generator)
+    seq_lens[0] = max_context
+    req_pool_indices = torch.randperm(pool.req_to_token.shape[0], generator=generator)[:bs]
+    queries = [torch.randn(bs, Q_HEADS * HEAD_DIM, generator=generator) for _ in range(LAYERS)]
+    return seq_lens, req_pool_indices, queries
+
+
+@no_precompute_release
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_eager_decode_computes_scheduler_metadata_once_for_every_layer(monkeypatch, page_size):
+    fa3 = _use_fa3(monkeypatch, _StandInFlashAttention())
+    generator = torch.Generator().manual_seed(50 + page_size)
+    pool = _PagedPool(generator, page_size)
+    seq_lens, req_pool_indices, queries = _random_decode(generator, pool, bs=5)
+    batch = pool.decode_batch(seq_lens, req_pool_indices)
+    stock = pool.backend()
+    stock.init_forward_metadata(batch)
+    expected = _decode_all_layers(stock, batch, queries)
+    assert not fa3.metadata_calls and all(call["scheduler_metadata"] is None for call in fa3.attention_calls)
+
+    assert attnplug.apply_to_sglang(scheduler_metadata=True).applied == ["sglang.fa.scheduler_metadata"]
+    backend, calls = pool.backend(), report.op_calls["fa3_scheduler_metadata"]
+    backend.init_forward_metadata(batch)
+    fa3.attention_calls.clear()
+    got = _decode_all_layers(backend, batch, queries)
+    assert report.op_calls["fa3_scheduler_metadata"] == calls + 1  # once per batch, not per layer
+    (metadata_call,) = fa3.metadata_calls
+    scheduler_metadata = backend.forward_metadata.scheduler_metadata
+    assert torch.equal(scheduler_metadata, fa3.encode(backend.forward_metadata.cache_seqlens_int32,
+                                                      backend.forward_metadata.cu_seqlens_q, int(seq_lens.max())))
+    assert len(fa3.attention_calls) == LAYERS
+    for call in fa3.attention_calls:
+        assert call["scheduler_metadata"] is scheduler_metadata
+        _assert_computed_for(metadata_call, call)
+    _assert_same_metadata(stock.forward_metadata, backend.forward_metadata)
+    for layer_id, (want, have) in enumerate(zip(expected, got)):
+        assert torch.equal(want, have)
+        torch.testing.assert_close(have.double(), pool.reference(queries[layer_id], layer_id, seq_lens,
+                                                                  req_pool_indices), rtol=1e-5, atol=1e-5)
+
+
+@no_precompute_release
+def test_draft_decode_and_swa_layers_get_no_scheduler_metadata(monkeypatch):
+    fa3 = _use_fa3(monkeypatch, _StandInFlashAttention())
+    generator = torch.Generator().manual_seed(61)
+    pool = _PagedPool(generator, page_size=1)
+    seq_lens, req_pool_indices, queries = _random_decode(generator, pool, bs=4)
+    attnplug.apply_to_sglang(scheduler_metadata=True)
+    backend = pool.backend()
+    backend.init_forward_metadata(pool.decode_batch(seq_lens, req_pool_indices, spec_info=SimpleNamespace()))
+    assert getattr(backend.forward_metadata, "scheduler_metadata", None) is None and not fa3.metadata_calls
+
+    batch = pool.decode_batch(seq_lens, req_pool_indices)
+    backend.init_forward_metadata(batch)
+    window = 6
+    outputs = _decode_all_layers(backend, batch, queries, layers=[_layer(0, sliding_window_size=window), _layer(1)])
+    swa_call, full_call = fa3.attention_calls
+    assert swa_call["window_size"] == (window, 0) and swa_call["scheduler_metadata"] is None
+    assert full_call["scheduler_metadata"] is backend.forward_metadata.scheduler_metadata is not None
+    torch.testing.assert_close(outputs[0].double(), pool.reference(queries[0], 0, seq_lens, req_pool_indices, window),
+                               rtol=1e-5, atol=1e-5)
+
+
+@no_precompute_release
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_graph_scheduler_metadata_is_refreshed_in_place_at_every_replay(monkeypatch, page_size):
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    fa3 = _use_fa3(monkeypatch, _StandInFlashAttention())
+    generator = torch.Generator().manual_seed(70 + page_size)
+    pool = _PagedPool(generator, page_size)
+    max_bs, bs = 6, 4
+    stock = pool.backend()
+    attnplug.apply_to_sglang(scheduler_metadata=True)
+    backend = pool.backend()
+    for each in (stock, backend):
+        each.init_cuda_graph_state(max_bs, max_bs)
+    buffer = backend.attnplug_scheduler_metadata.graph_buffer
+    assert buffer.dtype == torch.int32 and buffer.shape == (1 + 8 * 4,)
+    buffer.fill_(SENTINEL)
+    for each in (stock, backend):  # what SGLang's graph runner passes at capture
+        each.init_forward_metadata_capture_cuda_graph(bs, bs, torch.zeros(bs, dtype=torch.int64),
+                                                      torch.ones(bs, dtype=torch.int32), None, ForwardMode.DECODE,
+                                                      None)
+    captured = backend.decode_cuda_graph_metadata[bs].scheduler_metadata
+    n = captured.numel()
+    assert captured.data_ptr() == buffer.data_ptr() and (buffer[n:] == 0).all()
+    assert torch.equal(captured, fa3.encode(torch.ones(bs), torch.arange(bs + 1), 1))
+
+    for step in range(2):  # two replays of the same graph with new lengths
+        seq_lens, req_pool_indices, queries = _random_decode(generator, pool, bs)
+        args = (bs, req_pool_indices, seq_lens, int(seq_lens.sum()), None, ForwardMode.DECODE, None, seq_lens.clone())
+        stock.init_forward_metadata_replay_cuda_graph(*args)
+        backend.init_forward_metadata_replay_cuda_graph(*args)
+        metadata = backend.forward_metadata
+        assert metadata is backend.decode_cuda_graph_metadata[bs] and metadata.scheduler_metadata is captured
+        assert torch.equal(captured, fa3.encode(seq_lens, torch.arange(bs + 1), int(seq_lens.max()))), step
+        assert (buffer[n:] == 0).all()
+        _assert_same_metadata(stock.forward_metadata, metadata)
+        fa3.attention_calls.clear()
+        expected = _decode_all_layers(stock, pool.decode_batch(seq_lens, req_pool_indices), queries)
+        got = _decode_all_layers(backend, pool.decode_batch(seq_lens, req_pool_indices), queries)
+        assert [call["scheduler_metadata"] for call in fa3.attention_calls] == [None] * LAYERS + [captured] * LAYERS
+        for want, have in zip(expected, got):
+            assert torch.equal(want, have)
+
+
+@no_precompute_release
+def test_without_get_scheduler_metadata_the_backend_stays_stock(monkeypatch):
+    fa3 = _use_fa3(monkeypatch, _StandInFlashAttention(with_scheduler=False))
+    generator = torch.Generator().manual_seed(83)
+    pool = _PagedPool(generator, page_size=1)
+    seq_lens, req_pool_indices, queries = _random_decode(generator, pool, bs=3)
+    assert attnplug.apply_to_sglang(scheduler_metadata=True).applied == ["sglang.fa.scheduler_metadata"]
+    backend = pool.backend()
+    assert backend.flash_attn_with_kvcache is fa3.module.flash_attn_with_kvcache
+    assert not hasattr(backend, "attnplug_scheduler_metadata") and "init_forward_metadata" not in vars(backend)
+    batch = pool.decode_batch(seq_lens, req_pool_indices)
+    backend.init_forward_metadata(batch)
+    _decode_all_layers(backend, batch, queries)
+    assert [call["scheduler_metadata"] for call in fa3.attention_calls] == [None] * LAYERS
+
+
+@no_precompute_release
+def test_revert_makes_later_backends_stock(monkeypatch):
+    fa3 = _use_fa3(monkeypatch, _StandInFlashAttention())
+    generator = torch.Generator().manual_seed(89)
+    pool = _PagedPool(generator, page_size=1)
+    seq_lens, req_pool_indices, _ = _random_decode(generator, pool, bs=3)
+    attnplug.apply_to_sglang(scheduler_metadata=True)
+    built_while_patched = pool.backend()
+    attnplug.revert()
+    built_after = pool.backend()
+    assert not hasattr(built_after, "attnplug_scheduler_metadata") and "init_forward_metadata" not in vars(built_after)
+    batch = pool.decode_batch(seq_lens, req_pool_indices)
+    built_after.init_forward_metadata(batch)
+    assert getattr(built_after.forward_metadata, "scheduler_metadata", None) is None and not fa3.metadata_calls
+    built_while_patched.init_forward_metadata(batch)  # its CUDA graphs would depend on the refresh: it keeps it
+    assert built_while_patched.forward_metadata.scheduler_metadata is not None and len(fa3.metadata_calls) == 1
 
 
 # --------------------------------------------------------------------------------------------------

@@ -186,16 +186,3 @@ def fused_decode_init_forward_metadata(original):
 
     return init_forward_metadata
 
-
-def precomputed_scheduler_metadata(original):
-    """``sglang.fa.scheduler_metadata``: not ported yet. The one release with the gap is 0.5.10 (its
-    wheel's FlashAttention backend has no precompute while its ``sglang-kernel`` 0.4.1 exposes
-    ``get_scheduler_metadata``); it is not among the tested releases (0.5.9's sgl-kernel 0.3.21 has
-    no such op; 0.5.11+ ship the change). A faithful port wraps ``__init__``, ``init_forward_metadata``,
-    ``init_cuda_graph_state``, both CUDA-graph metadata methods and the decode call of
-    ``flash_attn_with_kvcache``. Refusing here makes the patch skip with that reason instead of
-    applying untested code."""
-    raise LookupError(
-        f"attnplug has no tested replacement of {original.__qualname__} for this release: FA3 scheduler_metadata "
-        "precompute (SGLang PR 21104) needs sgl_kernel.flash_attn.get_scheduler_metadata (PR 21103)"
-    )

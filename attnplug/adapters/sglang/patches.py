@@ -1,6 +1,7 @@
 """Patches of SGLang's own attention backends, declared as data (see attnplug.adapters.patching.Patch).
 
-Tested releases: 0.5.9 (the last before SGLang PR 20778 fused the decode metadata) and 0.5.23.
+Tested releases: 0.5.9 (the last before SGLang PR 20778 fused the decode metadata), 0.5.10.post1
+(the 0.5.10 line: no FA3 scheduler-metadata precompute, added in 0.5.11) and 0.5.23.
 Each patch declares only the releases where it has something to add; elsewhere it is skipped
 with the reason (and the support matrix says "upstream already has it" or "not applicable").
 """
@@ -50,9 +51,10 @@ PATCHES: list[Patch] = [
         engine="sglang",
         rebinds=(
             Rebinding(
-                targets=(f"{_FA}:FlashAttentionBackend.init_forward_metadata",),
-                replacement=f"{_REPLACEMENTS}.fa_metadata:precomputed_scheduler_metadata",
-                signature=("self", "forward_batch"),
+                targets=(f"{_FA}:FlashAttentionBackend.__init__",),
+                replacement=f"{_REPLACEMENTS}.fa_scheduler:precomputed_scheduler_metadata_init",
+                signature=("self", "model_runner", "skip_prefill", "speculative_step_id", "topk",
+                           "speculative_num_steps", "fa_impl_ver"),
             ),
         ),
         versions="==0.5.10.*",
@@ -60,10 +62,11 @@ PATCHES: list[Patch] = [
         upstream_has_it=">=0.5.11",
         why=(
             "FA3 runs its prepare kernel in every layer unless scheduler_metadata is computed once per batch. "
-            "SGLang 0.5.11+ precompute it (eager and CUDA-graph paths); 0.5.9's sgl-kernel 0.3.21 exposes no "
-            "get_scheduler_metadata, so nothing can compute it there. 0.5.10 has the gap (no precompute in its backend, "
-            "get_scheduler_metadata in its sglang-kernel 0.4.1) but is not tested: the replacement refuses to apply "
-            "until it is ported and tested against 0.5.10."
+            "SGLang 0.5.10 never computes it, though its sglang-kernel 0.4.1 has get_scheduler_metadata; attnplug "
+            "computes it once per normal-decode batch (eager, and into a persistent buffer refreshed at each "
+            "CUDA-graph replay) and passes it to the default decode call, as 0.5.11 does. Each backend built while "
+            "the patch is applied gets these steps on its own methods (its CUDA graphs depend on them). 0.5.9's "
+            "sgl-kernel 0.3.21 has no get_scheduler_metadata, so nothing can compute it there."
         ),
         remove_when="0.5.10 is no longer supported.",
     ),
