@@ -13,6 +13,7 @@ from pathlib import Path
 
 from integration import harness
 
+PER_TENSOR_COPY_VERSION = "0.5.8.post1"  # the last release whose NSA draft steps copy metadata per tensor
 OLD_VERSION = "0.5.9"  # last release with the unfused decode metadata (0.5.10 has PR 20778)
 NO_PRECOMPUTE_VERSION = "0.5.10.post1"  # the 0.5.10 line: get_scheduler_metadata exists, SGLang never calls it
 NEW_VERSION = "0.5.23"
@@ -20,6 +21,7 @@ NEW_VERSION = "0.5.23"
 # Test-only stand-ins for sgl_kernel's CUDA library on CPU, first on PYTHONPATH inside the checks:
 # 0.5.23's (the live-server one) and 0.5.9's / 0.5.10's (which import sgl_kernel.kvcacheio at module level).
 SGL_KERNEL_STAND_IN_DIRS = {
+    PER_TENSOR_COPY_VERSION: harness.INTEGRATION_DIR / "shims" / "sgl_kernel_stub",
     OLD_VERSION: harness.INTEGRATION_DIR / "shims" / "sgl_kernel_stub",
     NO_PRECOMPUTE_VERSION: harness.INTEGRATION_DIR / "shims" / "sgl_kernel_stub",
     NEW_VERSION: harness.INTEGRATION_DIR / "shims" / "sgl_kernel_cpu",
@@ -34,6 +36,14 @@ SGLANG_0_5_9_VENV = harness.VenvSpec(
     # Importing the attention backends needs the sgl_kernel stand-in on PYTHONPATH (not so here):
     # the real sgl_kernel 0.3.21 fails without libcuda.so.1.
     smoke_imports=("transformers.models.llama", "sglang.srt.layers.attention.attention_registry"),
+)
+
+SGLANG_0_5_8_VENV = dataclasses.replace(
+    SGLANG_0_5_9_VENV,  # the same torch / triton pins
+    name=f"sglang-{PER_TENSOR_COPY_VERSION}",
+    requirements=(f"sglang=={PER_TENSOR_COPY_VERSION}", "numpy<2.4", "pluggy>=1.3", "pytest"),
+    # 0.5.8's attention modules import sgl_kernel.silu_and_mul unguarded: only the stand-in imports there
+    smoke_imports=("transformers.models.llama", "sglang.srt.model_executor.forward_batch_info"),
 )
 
 SGLANG_0_5_10_VENV = dataclasses.replace(
@@ -62,6 +72,7 @@ def _new_venv_spec() -> harness.VenvSpec:
 SGLANG_0_5_23_VENV = _new_venv_spec()
 
 VENVS: dict[str, harness.VenvSpec] = {
+    PER_TENSOR_COPY_VERSION: SGLANG_0_5_8_VENV,
     OLD_VERSION: SGLANG_0_5_9_VENV,
     NO_PRECOMPUTE_VERSION: SGLANG_0_5_10_VENV,
     NEW_VERSION: SGLANG_0_5_23_VENV,

@@ -1,5 +1,5 @@
-"""attnplug's patches of SGLang's own backends, against the real installed releases 0.5.9, 0.5.10.post1
-and 0.5.23.
+"""attnplug's patches of SGLang's own backends, against the real installed releases 0.5.8.post1, 0.5.9,
+0.5.10.post1 and 0.5.23.
 
 - ``test_patch_checks_pass_in_engine``: runs ``integration/in_engine/sglang_checks.py`` inside each
   release's harness venv (built once and cached, ~10 GB each) and requires exactly the expected
@@ -11,9 +11,9 @@ and 0.5.23.
   has no core count and never plans a split; the test-only ``integration/shims/sglang_triton_cores``
   gives both servers the same count so that the stock heuristic and attnplug's plan really run.
 
-0.5.9 and 0.5.10.post1 are not served live: they have no plugin loader (attnplug could only enter
-through a launcher that patches the spawned scheduler), and their patches (``sglang.fa.decode_metadata``,
-``sglang.fa.scheduler_metadata``) are for the FlashAttention backend, which needs a GPU.
+0.5.8.post1, 0.5.9 and 0.5.10.post1 are not served live: they have no plugin loader (attnplug could
+only enter through a launcher that patches the spawned scheduler), and their patches are for the
+FlashAttention backend and the DeepSeek NSA draft backend, which need a GPU.
 """
 
 from __future__ import annotations
@@ -41,6 +41,19 @@ TEST_CORE_COUNT = "8"  # small, like the core's CPU stand-in: the plans split at
 # Per release: the in-engine tests that must pass (by name prefix); every other one must be skipped
 # as belonging to the other release.
 MUST_PASS = {
+    "0.5.8.post1": (
+        "test_release_is_tested_and_every_patch_is_declared",
+        "test_each_patch_applies_or_skips_as_declared",
+        "test_applying_patch_targets_resolve_and_revert_restores_identity[sglang.fa.decode_metadata]",
+        "test_applying_patch_targets_resolve_and_revert_restores_identity[sglang.spec.metadata_copy]",
+        "test_0_5_8_facts_behind_the_patches",
+        "test_replay_normal_decode_set_metadata_matches_original",
+        "test_replay_calls_the_fused_kernel_cannot_take_go_to_the_original",
+        "test_eager_normal_decode_metadata_matches_original",
+        "test_eager_draft_decode_goes_to_the_original",
+        "test_draft_steps_get_the_metadata_sglang_copies",
+        "test_without_the_precompute_switch_every_step_recomputes",
+    ),
     "0.5.9": (
         "test_release_is_tested_and_every_patch_is_declared",
         "test_each_patch_applies_or_skips_as_declared",

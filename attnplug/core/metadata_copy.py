@@ -192,8 +192,10 @@ def _prepare(srcs, dsts, sizes):
         for k, (src, dst, (n_rows, n_cols)) in enumerate(zip(srcs, targets, extents)):
             _check_tensor(dst, src, n_rows, n_cols, device, f"dsts[{t}][{k}]")
     table = _build_table(srcs, dsts, extents, srcs[0].device)
-    max_words = max(n_rows * n_cols * (src.element_size() // 4) for src, (n_rows, n_cols) in zip(srcs, extents))
-    programs_per_copy = max(1, min(triton.cdiv(max_words, _BLOCK_WORDS), _MAX_PROGRAMS_PER_COPY))
+    # A tile is one row's BLOCK_WORDS words; each program walks its copy's tiles one after another.
+    max_tiles = max(n_rows * triton.cdiv(n_cols * (src.element_size() // 4), _BLOCK_WORDS)
+                    for src, (n_rows, n_cols) in zip(srcs, extents))
+    programs_per_copy = max(1, min(max_tiles, _MAX_PROGRAMS_PER_COPY))
     return table, (len(dsts) * num_fields, programs_per_copy)
 
 

@@ -1,4 +1,4 @@
-"""Checks of attnplug's SGLang patches against the installed SGLang (0.5.9, 0.5.10.post1 or 0.5.23).
+"""Checks of attnplug's SGLang patches against the installed SGLang (0.5.8.post1, 0.5.9, 0.5.10.post1 or 0.5.23).
 
 Run inside an SGLang venv by ``integration/test_sglang_adapter.py`` with ``TRITON_INTERPRET=1`` and
 the test-only ``sgl_kernel`` CPU stand-in first on ``PYTHONPATH`` (not collected by the top-level
@@ -36,6 +36,12 @@ _TRITON = "sglang.srt.layers.attention.triton_backend"
 
 # What each patch does on each tested release (the support-matrix cell), and so whether it applies.
 EXPECTED = {
+    "0.5.8.post1": {
+        "sglang.fa.decode_metadata": "applies",
+        "sglang.fa.scheduler_metadata": "not applicable",
+        "sglang.spec.metadata_copy": "applies",
+        "sglang.triton.kv_splits": "not applicable",
+    },
     "0.5.9": {
         "sglang.fa.decode_metadata": "applies",
         "sglang.fa.scheduler_metadata": "not applicable",
@@ -56,7 +62,10 @@ EXPECTED = {
     },
 }
 APPLYING = [patch_id for patch_id, cell in EXPECTED.get(RELEASE, {}).items() if cell.startswith(("applies", "opt-in"))]
+per_tensor_copy_release = pytest.mark.skipif(RELEASE != "0.5.8.post1", reason="SGLang 0.5.8.post1 only")
 old_release = pytest.mark.skipif(RELEASE != "0.5.9", reason="SGLang 0.5.9 only")
+unfused_decode_metadata = pytest.mark.skipif(RELEASE not in ("0.5.8.post1", "0.5.9"),
+                                             reason="SGLang 0.5.8.post1 and 0.5.9 only")
 no_precompute_release = pytest.mark.skipif(RELEASE != "0.5.10.post1", reason="SGLang 0.5.10.post1 only")
 new_release = pytest.mark.skipif(RELEASE != "0.5.23", reason="SGLang 0.5.23 only")
 
@@ -65,6 +74,11 @@ new_release = pytest.mark.skipif(RELEASE != "0.5.23", reason="SGLang 0.5.23 only
 def _nothing_stays_applied():
     yield
     attnplug.revert()
+
+
+def _apply_only(keyword: str):
+    """``attnplug.apply_to_sglang`` with only this patch's keyword on (the API turns the others on by default)."""
+    return attnplug.apply_to_sglang(**{patch.keyword: patch.keyword == keyword for patch in PATCHES.values()})
 
 
 def _source(module: str) -> str:
@@ -83,8 +97,7 @@ def test_each_patch_applies_or_skips_as_declared(patch_id):
     patch = PATCHES[patch_id]
     cell = EXPECTED[RELEASE][patch_id]
     assert matrix_cell(patch, RELEASE) == cell
-    outcome = attnplug.apply_to_sglang(**{keyword: keyword == patch.keyword for keyword in
-                                          (p.keyword for p in PATCHES.values())})
+    outcome = _apply_only(patch.keyword)
     (result,) = outcome.results
     if cell.startswith(("applies", "opt-in")):  # named here, so an opt-in patch applies too
         assert (result.status, result.reason) == ("applied", ""), result
@@ -105,8 +118,7 @@ def test_applying_patch_targets_resolve_and_revert_restores_identity(patch_id):
     assert check_patch(patch) is None
     bindings = [resolve_target(target) for target in patch.targets]
     originals = [vars(owner)[name] for owner, name in bindings]
-    assert attnplug.apply_to_sglang(**{patch.keyword: True} | {
-        p.keyword: False for p in PATCHES.values() if p is not patch}).applied == [patch_id]
+    assert _apply_only(patch.keyword).applied == [patch_id]
     patched = [vars(owner)[name] for owner, name in bindings]
     assert all(new is not old and new.__wrapped__ is old for new, old in zip(patched, originals))
     assert attnplug.revert() == [patch_id]
@@ -121,6 +133,16 @@ def test_applying_patch_targets_resolve_and_revert_restores_identity(patch_id):
 def _installed_file(distribution: str, path: str) -> str:
     (file,) = [f for f in importlib.metadata.files(distribution) if str(f) == path]
     return Path(file.locate()).read_text()
+
+
+@per_tensor_copy_release
+def test_0_5_8_facts_behind_the_patches():
+    nsa = _source("sglang.srt.layers.attention.nsa_backend")
+    assert "fused_metadata_copy" not in nsa  # the draft steps' copies are per tensor (PR 17554 came in 0.5.9) ...
+    assert "init_forward_metadata_replay_cuda_graph_from_precomputed" in nsa  # ... from one precomputed batch
+    assert "# TODO: fuse these kernels" in _source(_FA)  # the unfused decode metadata, as in 0.5.9
+    assert importlib.metadata.version("sgl-kernel") == "0.3.21"  # no get_scheduler_metadata, as in 0.5.9
+    assert "def get_scheduler_metadata" not in _installed_file("sgl-kernel", "sgl_kernel/flash_attn.py")
 
 
 @old_release
@@ -164,7 +186,7 @@ def test_0_5_23_facts_behind_the_skips():
 
 
 # --------------------------------------------------------------------------------------------------
-# sglang.fa.decode_metadata on 0.5.9: same outputs as the original on the same random inputs
+# sglang.fa.decode_metadata on 0.5.8.post1 / 0.5.9: same outputs as the original on the same random inputs
 # --------------------------------------------------------------------------------------------------
 
 
@@ -180,7 +202,7 @@ def _poisoned(shape) -> torch.Tensor:
     return torch.full(shape, SENTINEL, dtype=torch.int32)
 
 
-@old_release
+@unfused_decode_metadata
 @pytest.mark.parametrize("page_size", [1, 4, 16])
 @pytest.mark.parametrize("swa", [False, True], ids=["full", "swa"])
 @pytest.mark.parametrize("seq_len_delta", [0, 3])
@@ -210,7 +232,7 @@ def test_replay_normal_decode_set_metadata_matches_original(page_size, swa, seq_
         return cache_seqlens, cu_seqlens_k, page_buffer, swa_buffer
 
     expected = run(original)
-    assert attnplug.apply_to_sglang(decode_metadata=True).applied == ["sglang.fa.decode_metadata"]
+    assert _apply_only("decode_metadata").applied == ["sglang.fa.decode_metadata"]
     assert fa.normal_decode_set_metadata is not original
     calls = report.op_calls["fused_decode_metadata"]
     got = run(fa.normal_decode_set_metadata)
@@ -220,7 +242,7 @@ def test_replay_normal_decode_set_metadata_matches_original(page_size, swa, seq_
     assert (expected[2][:bs, :max_seq_pages] != SENTINEL).all() and (expected[2][bs:] == SENTINEL).all()
 
 
-@old_release
+@unfused_decode_metadata
 def test_replay_calls_the_fused_kernel_cannot_take_go_to_the_original():
     import importlib
 
@@ -237,7 +259,7 @@ def test_replay_calls_the_fused_kernel_cannot_take_go_to_the_original():
         return outputs
 
     expected = run(original)
-    attnplug.apply_to_sglang(decode_metadata=True)
+    _apply_only("decode_metadata")
     calls = report.op_calls["fused_decode_metadata"]
     got = run(fa.normal_decode_set_metadata)
     assert report.op_calls["fused_decode_metadata"] == calls
@@ -285,7 +307,7 @@ def _assert_same_metadata(want, have) -> None:
             assert a == b, field.name
 
 
-@old_release
+@unfused_decode_metadata
 @pytest.mark.parametrize("page_size", [1, 8])
 @pytest.mark.parametrize("swa", [False, True], ids=["full", "swa"])
 def test_eager_normal_decode_metadata_matches_original(page_size, swa):
@@ -298,7 +320,7 @@ def test_eager_normal_decode_metadata_matches_original(page_size, swa):
     backend = _flash_attention_backend(page_size, pool)
     backend.init_forward_metadata(batch)
     expected = backend.forward_metadata
-    attnplug.apply_to_sglang(decode_metadata=True)
+    _apply_only("decode_metadata")
     calls = report.op_calls["fused_decode_metadata"]
     backend.forward_metadata = None
     fa.FlashAttentionBackend.init_forward_metadata(backend, batch)
@@ -308,14 +330,14 @@ def test_eager_normal_decode_metadata_matches_original(page_size, swa):
     assert (expected.swa_page_table is not None) == swa
 
 
-@old_release
+@unfused_decode_metadata
 def test_eager_draft_decode_goes_to_the_original():
     generator = torch.Generator().manual_seed(3)
     batch = _decode_batch(generator, spec_info=object())
     backend = _flash_attention_backend(1, None)
     backend.init_forward_metadata(batch)
     expected = backend.forward_metadata
-    attnplug.apply_to_sglang(decode_metadata=True)
+    _apply_only("decode_metadata")
     calls = report.op_calls["fused_decode_metadata"]
     backend.init_forward_metadata(batch)
     assert report.op_calls["fused_decode_metadata"] == calls
@@ -525,7 +547,7 @@ def test_eager_decode_computes_scheduler_metadata_once_for_every_layer(monkeypat
     expected = _decode_all_layers(stock, batch, queries)
     assert not fa3.metadata_calls and all(call["scheduler_metadata"] is None for call in fa3.attention_calls)
 
-    assert attnplug.apply_to_sglang(scheduler_metadata=True).applied == ["sglang.fa.scheduler_metadata"]
+    assert _apply_only("scheduler_metadata").applied == ["sglang.fa.scheduler_metadata"]
     backend, calls = pool.backend(), report.op_calls["fa3_scheduler_metadata"]
     backend.init_forward_metadata(batch)
     fa3.attention_calls.clear()
@@ -552,7 +574,7 @@ def test_draft_decode_and_swa_layers_get_no_scheduler_metadata(monkeypatch):
     generator = torch.Generator().manual_seed(61)
     pool = _PagedPool(generator, page_size=1)
     seq_lens, req_pool_indices, queries = _random_decode(generator, pool, bs=4)
-    attnplug.apply_to_sglang(scheduler_metadata=True)
+    _apply_only("scheduler_metadata")
     backend = pool.backend()
     backend.init_forward_metadata(pool.decode_batch(seq_lens, req_pool_indices, spec_info=SimpleNamespace()))
     assert getattr(backend.forward_metadata, "scheduler_metadata", None) is None and not fa3.metadata_calls
@@ -578,7 +600,7 @@ def test_graph_scheduler_metadata_is_refreshed_in_place_at_every_replay(monkeypa
     pool = _PagedPool(generator, page_size)
     max_bs, bs = 6, 4
     stock = pool.backend()
-    attnplug.apply_to_sglang(scheduler_metadata=True)
+    _apply_only("scheduler_metadata")
     backend = pool.backend()
     for each in (stock, backend):
         each.init_cuda_graph_state(max_bs, max_bs)
@@ -618,7 +640,7 @@ def test_without_get_scheduler_metadata_the_backend_stays_stock(monkeypatch):
     generator = torch.Generator().manual_seed(83)
     pool = _PagedPool(generator, page_size=1)
     seq_lens, req_pool_indices, queries = _random_decode(generator, pool, bs=3)
-    assert attnplug.apply_to_sglang(scheduler_metadata=True).applied == ["sglang.fa.scheduler_metadata"]
+    assert _apply_only("scheduler_metadata").applied == ["sglang.fa.scheduler_metadata"]
     backend = pool.backend()
     assert backend.flash_attn_with_kvcache is fa3.module.flash_attn_with_kvcache
     assert not hasattr(backend, "attnplug_scheduler_metadata") and "init_forward_metadata" not in vars(backend)
@@ -634,7 +656,7 @@ def test_revert_makes_later_backends_stock(monkeypatch):
     generator = torch.Generator().manual_seed(89)
     pool = _PagedPool(generator, page_size=1)
     seq_lens, req_pool_indices, _ = _random_decode(generator, pool, bs=3)
-    attnplug.apply_to_sglang(scheduler_metadata=True)
+    _apply_only("scheduler_metadata")
     built_while_patched = pool.backend()
     attnplug.revert()
     built_after = pool.backend()
@@ -644,6 +666,121 @@ def test_revert_makes_later_backends_stock(monkeypatch):
     assert getattr(built_after.forward_metadata, "scheduler_metadata", None) is None and not fa3.metadata_calls
     built_while_patched.init_forward_metadata(batch)  # its CUDA graphs would depend on the refresh: it keeps it
     assert built_while_patched.forward_metadata.scheduler_metadata is not None and len(fa3.metadata_calls) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# sglang.spec.metadata_copy on 0.5.8.post1: every draft step's graph metadata as SGLang's copies leave it
+# --------------------------------------------------------------------------------------------------
+
+_NSA = "sglang.srt.layers.attention.nsa_backend"
+NSA_INDEX_TOPK, DRAFT_STEPS = 24, 3
+
+
+def _stand_in_flashmla_metadata(backend, cache_seqlens: torch.Tensor, seq_len_q: int):
+    """TEST-ONLY stand-in for FlashMLA's ``get_mla_metadata`` (CUDA only): int32 tile metadata [4, 8]
+    and num_splits [bs + 1] that depend on the lengths, in SGLang's ``NSAFlashMLAMetadata``."""
+    import importlib
+
+    tiles = (cache_seqlens.sum() + torch.arange(32)).view(4, 8).to(torch.int32)
+    num_splits = torch.nn.functional.pad(torch.cumsum(cache_seqlens % 5 + seq_len_q, 0), (1, 0)).to(torch.int32)
+    return importlib.import_module(_NSA).NSAFlashMLAMetadata(flashmla_metadata=tiles, num_splits=num_splits)
+
+
+def _nsa_draft_backend(monkeypatch, pool: _PagedPool, decode_backend: str):
+    """SGLang's own NativeSparseAttnMultiStepBackend (real ``__init__``) over ``pool`` on CPU."""
+    import importlib
+
+    nsa = importlib.import_module(_NSA)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args, **kwargs: (9, 0))  # an H100
+    monkeypatch.setattr(nsa, "get_attention_tp_size", lambda: 1)  # no distributed set-up here
+    monkeypatch.setattr(nsa.NativeSparseAttnBackend, "_compute_flashmla_metadata", _stand_in_flashmla_metadata)
+    rows, max_context = pool.req_to_token.shape
+    runner = SimpleNamespace(
+        device=torch.device("cpu"), page_size=pool.page_size,
+        server_args=SimpleNamespace(enable_deterministic_inference=False, nsa_prefill_backend="flashmla_sparse",
+                                    nsa_decode_backend=decode_backend, speculative_eagle_topk=1,
+                                    speculative_num_draft_tokens=DRAFT_STEPS + 1),
+        model_config=SimpleNamespace(context_len=max_context, num_attention_heads=8, hf_config=SimpleNamespace(
+            architectures=["DeepseekV32ForCausalLM"], index_topk=NSA_INDEX_TOPK)),
+        token_to_kv_pool=SimpleNamespace(nsa_kv_cache_store_fp8=False, kv_cache_dim=576),
+        req_to_token_pool=SimpleNamespace(req_to_token=pool.req_to_token, size=rows),
+    )
+    return nsa.NativeSparseAttnMultiStepBackend(runner, topk=1, speculative_num_steps=DRAFT_STEPS)
+
+
+def _assert_same_fields(want, have, where: str) -> None:
+    """Two SGLang metadata dataclasses hold equal tensors (and equal everything else), recursively."""
+    assert type(want) is type(have), where
+    for field in dataclasses.fields(want):
+        a, b, name = getattr(want, field.name), getattr(have, field.name), f"{where}.{field.name}"
+        if isinstance(a, torch.Tensor):
+            assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), name
+        elif dataclasses.is_dataclass(a):
+            _assert_same_fields(a, b, name)
+        else:
+            assert a == b, name
+
+
+@per_tensor_copy_release
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("decode_backend", ["flashmla_sparse", "flashmla_kv"])
+def test_draft_steps_get_the_metadata_sglang_copies(monkeypatch, page_size, decode_backend):
+    generator = torch.Generator().manual_seed(100 + page_size + len(decode_backend))
+    pool = _PagedPool(generator, page_size, rows=11, max_context=96)
+    max_bs, bs = 8, 5
+    stock = _nsa_draft_backend(monkeypatch, pool, decode_backend)
+    replay_stock = type(stock).init_forward_metadata_replay_cuda_graph
+    assert _apply_only("metadata_copy").applied == ["sglang.spec.metadata_copy"]
+    patched = _nsa_draft_backend(monkeypatch, pool, decode_backend)
+    replay_patched = type(patched).init_forward_metadata_replay_cuda_graph
+    assert replay_patched is not replay_stock
+    runner_seq_lens = {}
+    for backend in (stock, patched):  # what the EAGLE draft runner does: one int32 seq_lens buffer, capture once
+        backend.init_cuda_graph_state(max_bs, max_bs)
+        runner_seq_lens[id(backend)] = torch.ones(max_bs, dtype=torch.int32)
+        backend.init_forward_metadata_capture_cuda_graph(SimpleNamespace(
+            batch_size=bs, req_pool_indices=torch.zeros(bs, dtype=torch.int64),
+            seq_lens=runner_seq_lens[id(backend)][:bs], spec_info=None))
+    for max_len in (37, 96, 5):  # widths below, at and far below the buffers' (pow-2 buckets 64, 96, 8)
+        seq_lens = torch.randint(1, max_len + 1, (bs,), generator=generator, dtype=torch.int32)
+        seq_lens[bs // 2] = max_len
+        req_pool_indices = torch.randperm(pool.req_to_token.shape[0], generator=generator)[:bs]
+        calls = report.op_calls["fused_metadata_copy"]
+        for backend, replay in ((stock, replay_stock), (patched, replay_patched)):
+            runner_seq_lens[id(backend)][:bs] = seq_lens
+            batch = SimpleNamespace(req_pool_indices=req_pool_indices, seq_lens=runner_seq_lens[id(backend)][:bs],
+                                    seq_lens_cpu=seq_lens.clone(), spec_info=None)
+            replay(backend, batch, bs)
+        assert report.op_calls["fused_metadata_copy"] == calls + 1  # steps 1..T-1 in one launch
+        for step, (want, have) in enumerate(zip(stock.attn_backends, patched.attn_backends)):
+            where = f"max_len {max_len}, step {step}"
+            assert have.forward_metadata is have.decode_cuda_graph_metadata[bs], where
+            _assert_same_fields(want.decode_cuda_graph_metadata[bs], have.decode_cuda_graph_metadata[bs], where)
+            whole_tables = want.decode_cuda_graph_metadata["page_table"], have.decode_cuda_graph_metadata["page_table"]
+            assert torch.equal(*whole_tables), where  # past the batch's width too
+            page_table = have.decode_cuda_graph_metadata[bs].page_table_1
+            assert torch.equal(page_table[:, :max_len], pool.req_to_token[req_pool_indices, :max_len]), where
+
+
+@per_tensor_copy_release
+def test_without_the_precompute_switch_every_step_recomputes(monkeypatch):
+    generator = torch.Generator().manual_seed(131)
+    pool = _PagedPool(generator, 1, rows=6, max_context=32)
+    monkeypatch.setenv("SGLANG_NSA_ENABLE_MTP_PRECOMPUTE_METADATA", "false")
+    _apply_only("metadata_copy")
+    backend = _nsa_draft_backend(monkeypatch, pool, "flashmla_sparse")
+    backend.init_cuda_graph_state(4, 4)
+    seq_lens = torch.ones(4, dtype=torch.int32)
+    backend.init_forward_metadata_capture_cuda_graph(SimpleNamespace(
+        batch_size=4, req_pool_indices=torch.zeros(4, dtype=torch.int64), seq_lens=seq_lens, spec_info=None))
+    seq_lens.copy_(torch.tensor([3, 32, 7, 19], dtype=torch.int32))
+    calls = report.op_calls["fused_metadata_copy"]
+    backend.init_forward_metadata_replay_cuda_graph(SimpleNamespace(
+        req_pool_indices=torch.arange(4), seq_lens=seq_lens, seq_lens_cpu=seq_lens.clone(), spec_info=None,
+        seq_lens_sum=int(seq_lens.sum())), 4)
+    assert report.op_calls["fused_metadata_copy"] == calls  # SGLang's own per-step path ran
+    for step in backend.attn_backends:
+        assert torch.equal(step.decode_cuda_graph_metadata[4].page_table_1[:, :32], pool.req_to_token[:4, :32])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -686,7 +823,7 @@ def test_kv_splits_stay_in_sglang_contract(device_core_count, bs, num_group):
     seq_lens = torch.randint(1, 4000, (bs,), generator=torch.Generator().manual_seed(bs))
     backend = _triton_backend(device_core_count)
     stock = _splits(original, backend, seq_lens, num_group)
-    attnplug.apply_to_sglang(kv_splits=True)
+    _apply_only("kv_splits")
     ours = _splits(cls.get_num_kv_splits, backend, seq_lens, num_group)
     assert ((stock >= 1) & (stock <= backend.max_kv_splits)).all()
     assert ((ours >= 1) & (ours <= backend.max_kv_splits)).all()
@@ -736,7 +873,7 @@ def test_kv_splits_give_the_same_decode_attention_as_the_stock_plan():
         return out
 
     stock_splits = _splits(cls.get_num_kv_splits, backend, seq_lens)
-    attnplug.apply_to_sglang(kv_splits=True)
+    _apply_only("kv_splits")
     our_splits = _splits(cls.get_num_kv_splits, backend, seq_lens)
     assert not torch.equal(stock_splits, our_splits)  # a different plan, so the comparison means something
     reference = _reference_decode(q, k_buffer, v_buffer, kv_indptr, kv_indices, head_dim**-0.5)

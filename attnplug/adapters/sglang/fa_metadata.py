@@ -1,7 +1,8 @@
-"""Replacements for the patch ``sglang.fa.decode_metadata`` (SGLang's FlashAttention backend, 0.5.9).
+"""Replacements for the patch ``sglang.fa.decode_metadata`` (SGLang's FlashAttention backend, 0.5.8-0.5.9).
 
-SGLang 0.5.9 builds a decode step's ``cache_seqlens`` / ``cu_seqlens_k`` / page table(s) with a
-sequence of small torch ops in two places; both become one ``fused_decode_metadata`` launch:
+SGLang 0.5.9 (and 0.5.8, whose code here is the same) builds a decode step's ``cache_seqlens`` /
+``cu_seqlens_k`` / page table(s) with a sequence of small torch ops in two places; both become one
+``fused_decode_metadata`` launch:
 
 - ``normal_decode_set_metadata`` (module function, the CUDA-graph replay path of normal decode and
   of draft decode with topk <= 1): same signature, same writes (SGLang PR 20778, released in 0.5.10,

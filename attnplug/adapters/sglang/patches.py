@@ -1,7 +1,8 @@
 """Patches of SGLang's own attention backends, declared as data (see attnplug.adapters.patching.Patch).
 
-Tested releases: 0.5.9 (the last before SGLang PR 20778 fused the decode metadata), 0.5.10.post1
-(the 0.5.10 line: no FA3 scheduler-metadata precompute, added in 0.5.11) and 0.5.23.
+Tested releases: 0.5.8.post1 (the last with per-tensor NSA draft-metadata copies), 0.5.9 (the last
+before SGLang PR 20778 fused the decode metadata), 0.5.10.post1 (the 0.5.10 line: no FA3
+scheduler-metadata precompute, added in 0.5.11) and 0.5.23.
 Each patch declares only the releases where it has something to add; elsewhere it is skipped
 with the reason (and the support matrix says "upstream already has it" or "not applicable").
 """
@@ -24,7 +25,7 @@ PATCHES: list[Patch] = [
         engine="sglang",
         rebinds=(
             Rebinding(
-                targets=(f"{_FA}:normal_decode_set_metadata",),  # no other module imports it in 0.5.9
+                targets=(f"{_FA}:normal_decode_set_metadata",),  # no other module imports it in 0.5.8-0.5.9
                 replacement=f"{_REPLACEMENTS}.fa_metadata:fused_normal_decode_set_metadata",
                 signature=NORMAL_DECODE_SET_METADATA_SIGNATURE,
             ),
@@ -34,13 +35,13 @@ PATCHES: list[Patch] = [
                 signature=("self", "forward_batch"),
             ),
         ),
-        versions="==0.5.9.*",
+        versions=">=0.5.8,<0.5.10",
         upstream="SGLang PR 20778 (fused decode metadata, first released in 0.5.10)",
         upstream_has_it=">=0.5.10",
         why=(
-            "SGLang 0.5.9 builds each decode step's cache_seqlens / cu_seqlens_k / page table (and SWA page table) "
-            "with ~6-10 small torch ops, on the CUDA-graph replay path (normal_decode_set_metadata) and inline on the "
-            "eager path; attnplug writes the same values with one fused_decode_metadata launch. Not applied to "
+            "SGLang 0.5.8-0.5.9 build each decode step's cache_seqlens / cu_seqlens_k / page table (and SWA page "
+            "table) with ~6-10 small torch ops, on the CUDA-graph replay path (normal_decode_set_metadata) and inline "
+            "on the eager path; attnplug writes the same values with one fused_decode_metadata launch. Not applied to "
             "0.5.10+: upstream fused it (0.5.19+ also writes only each live prefix and takes page mappings, a "
             "different contract)."
         ),
@@ -65,8 +66,8 @@ PATCHES: list[Patch] = [
             "SGLang 0.5.10 never computes it, though its sglang-kernel 0.4.1 has get_scheduler_metadata; attnplug "
             "computes it once per normal-decode batch (eager, and into a persistent buffer refreshed at each "
             "CUDA-graph replay) and passes it to the default decode call, as 0.5.11 does. Each backend built while "
-            "the patch is applied gets these steps on its own methods (its CUDA graphs depend on them). 0.5.9's "
-            "sgl-kernel 0.3.21 has no get_scheduler_metadata, so nothing can compute it there."
+            "the patch is applied gets these steps on its own methods (its CUDA graphs depend on them). The "
+            "sgl-kernel 0.3.21 of 0.5.8-0.5.9 has no get_scheduler_metadata, so nothing can compute it there."
         ),
         remove_when="0.5.10 is no longer supported.",
     ),
@@ -80,14 +81,15 @@ PATCHES: list[Patch] = [
                 signature=("self", "forward_batch", "bs"),
             ),
         ),
-        versions=">=0.5.7,<0.5.9",
+        versions=">=0.5.8,<0.5.9",
         upstream="SGLang PR 17554 (fused multi-backend metadata copy, released in 0.5.9)",
         upstream_has_it=">=0.5.9",
         why=(
-            "The NSA/DSA multi-step draft backend copies one precomputed batch metadata into each step's CUDA-graph "
-            "buffers; 0.5.9+ do it with SGLang's own fused copy kernel, and the FlashAttention and Triton multi-step "
-            "backends make no such copies. Only 0.5.7-0.5.8.post1 copy per tensor (untested): the replacement "
-            "refuses to apply there until one of them is tested."
+            "The NSA/DSA multi-step draft backend copies one precomputed batch metadata into each draft step's "
+            "CUDA-graph buffers, 5-8 copy_ launches per step in 0.5.8 / 0.5.8.post1; attnplug keeps SGLang's copies "
+            "for step 0 and fills steps 1..T-1 from step 0's buffers with one fused_metadata_copy launch. 0.5.9+ fuse "
+            "it themselves; the FlashAttention and Triton multi-step backends make no such copies. 0.5.7 switches "
+            "the precompute with a module constant instead of SGLang's envs and is not covered."
         ),
         remove_when="0.5.8 is no longer supported.",
     ),

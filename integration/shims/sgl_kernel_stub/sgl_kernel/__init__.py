@@ -1,4 +1,4 @@
-"""TEST-ONLY import stand-in for sgl_kernel under SGLang 0.5.9 on CPU (see ../README.md)."""
+"""TEST-ONLY import stand-in for sgl_kernel under SGLang 0.5.8-0.5.10 on CPU (see ../README.md)."""
 
 STAND_IN = "the test-only sgl_kernel import stand-in (integration/shims/sgl_kernel_stub)"
 
@@ -12,6 +12,7 @@ def _unavailable(name: str):
 
 
 merge_state_v2 = _unavailable("merge_state_v2")
+silu_and_mul = _unavailable("silu_and_mul")  # imported unguarded by 0.5.8 (moe_runner/deep_gemm.py)
 
 
 def __getattr__(name: str):
