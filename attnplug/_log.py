@@ -11,3 +11,12 @@ if not logger.handlers:
     logger.addHandler(_handler)
     logger.setLevel(os.environ.get("ATTNPLUG_LOG_LEVEL", "INFO").upper())
     logger.propagate = False
+
+_said: set[str] = set()
+
+
+def log_once(message: str) -> None:
+    """Log ``message`` at INFO the first time this process says it (fall-backs: one line per reason)."""
+    if message not in _said:
+        _said.add(message)
+        logger.info("%s", message)

@@ -36,7 +36,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 
 from attnplug import ops
-from attnplug._log import logger
+from attnplug._log import log_once, logger
 
 GRAPH_SEQ_LEN_FILL_VALUE = 1  # padded graph lanes: one token of the req_to_token padding row
 SERVED_MODES = (ForwardMode.DECODE, ForwardMode.EXTEND, ForwardMode.MIXED)
@@ -87,14 +87,9 @@ def unsupported_setup(model_runner) -> str | None:
     return None
 
 
-_fallbacks_logged: set[str] = set()
-
-
 def log_fallback_once(reason: str) -> None:
     """One log line per reason per process when attnplug hands a call to SGLang's torch_native backend."""
-    if reason not in _fallbacks_logged:
-        _fallbacks_logged.add(reason)
-        logger.info("attnplug SGLang backend falls back to SGLang's torch_native attention for %s", reason)
+    log_once(f"attnplug SGLang backend falls back to SGLang's torch_native attention for {reason}")
 
 
 class AttnplugAttnBackend(AttentionBackend):

@@ -22,17 +22,12 @@ import importlib
 import torch
 
 from attnplug import ops
-from attnplug._log import logger
-
-_WHERE = "patched SGLang FlashAttention decode metadata"
-_logged: set[str] = set()
+from attnplug._log import log_once
 
 
 def _fall_back(reason: str) -> None:
     """Log once per reason that a call went to SGLang's original code."""
-    if reason not in _logged:
-        _logged.add(reason)
-        logger.info("%s: %s goes to SGLang's original", _WHERE, reason)
+    log_once(f"patched SGLang FlashAttention decode metadata: {reason} goes to SGLang's original")
 
 
 def _is_power_of_two(value) -> bool:

@@ -25,20 +25,16 @@ from __future__ import annotations
 import functools
 
 from attnplug import ops
-from attnplug._log import logger
+from attnplug._log import log_once
 from attnplug.core.fa3 import FA3Params, allocate_fa3_scheduler_metadata, find_fa3_binding
 
-_WHERE = "patched SGLang FlashAttention scheduler metadata"
 _HOOKED_METHODS = ("init_forward_metadata", "init_cuda_graph_state", "init_forward_metadata_capture_cuda_graph",
                    "init_forward_metadata_replay_cuda_graph", "flash_attn_with_kvcache")
-_logged: set[str] = set()
 
 
 def _stock(reason: str) -> None:
     """Log once per reason that a backend (or call) stays on SGLang's own code."""
-    if reason not in _logged:
-        _logged.add(reason)
-        logger.info("%s: %s; SGLang's own code runs", _WHERE, reason)
+    log_once(f"patched SGLang FlashAttention scheduler metadata: {reason}; SGLang's own code runs")
 
 
 def precomputed_scheduler_metadata_init(original):

@@ -23,17 +23,12 @@ import functools
 import importlib
 
 from attnplug import ops
-from attnplug._log import logger
-
-_WHERE = "patched SGLang NSA draft-step metadata copy"
-_logged: set[str] = set()
+from attnplug._log import log_once
 
 
 def _fall_back(reason: str) -> None:
     """Log once per reason that a replay copied per tensor, as SGLang does."""
-    if reason not in _logged:
-        _logged.add(reason)
-        logger.info("%s: %s; SGLang's per-tensor copies run", _WHERE, reason)
+    log_once(f"patched SGLang NSA draft-step metadata copy: {reason}; SGLang's per-tensor copies run")
 
 
 def _copied_fields(metadata, bs: int, page_columns: int, real_page_columns: int | None):

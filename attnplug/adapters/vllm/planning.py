@@ -13,7 +13,7 @@ import weakref
 import torch
 
 from attnplug import ops
-from attnplug._log import logger
+from attnplug._log import log_once
 
 REORDER_BATCH_THRESHOLD = 1  # decode requests (one query token) first, then the rest
 
@@ -120,12 +120,6 @@ def unsupported_batch(
     return None
 
 
-_fallbacks_logged: set[str] = set()
-
-
 def log_fallback_once(where: str, reason: str) -> None:
     """One log line per (place, reason) per process when attnplug hands a call back to vLLM's kernel."""
-    key = f"{where}: {reason}"
-    if key not in _fallbacks_logged:
-        _fallbacks_logged.add(key)
-        logger.info("%s falls back to vLLM's Triton kernel for %s", where, reason)
+    log_once(f"{where} falls back to vLLM's Triton kernel for {reason}")
