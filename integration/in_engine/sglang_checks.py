@@ -651,6 +651,26 @@ def test_without_get_scheduler_metadata_the_backend_stays_stock(monkeypatch):
 
 
 @no_precompute_release
+@pytest.mark.parametrize("model", ["mla", "no_head_count"])
+def test_a_model_the_precompute_does_not_serve_leaves_the_backend_stock(monkeypatch, model):
+    from sglang.srt.configs.model_config import AttentionArch
+
+    fa3 = _use_fa3(monkeypatch, _StandInFlashAttention())
+    pool = _PagedPool(torch.Generator().manual_seed(97), page_size=1)
+    runner = pool.model_runner()
+    if model == "mla":
+        runner.model_config.attention_arch = AttentionArch.MLA
+    else:
+        del runner.model_config.hf_text_config.num_attention_heads
+    assert _apply_only("scheduler_metadata").applied == ["sglang.fa.scheduler_metadata"]
+    import importlib
+
+    backend = importlib.import_module(_FA).FlashAttentionBackend(runner)  # SGLang's own __init__ still runs
+    assert not hasattr(backend, "attnplug_scheduler_metadata") and "init_forward_metadata" not in vars(backend)
+    assert backend.flash_attn_with_kvcache is fa3.module.flash_attn_with_kvcache
+
+
+@no_precompute_release
 def test_revert_makes_later_backends_stock(monkeypatch):
     fa3 = _use_fa3(monkeypatch, _StandInFlashAttention())
     generator = torch.Generator().manual_seed(89)
