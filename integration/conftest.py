@@ -39,3 +39,19 @@ def tiny_model(vllm_python: Path) -> Path:
     from integration import harness
 
     return harness.ensure_tiny_model(vllm_python, head_dim=32)
+
+
+@pytest.fixture(scope="session")
+def sglang_python() -> Path:
+    """Python of the cached sglang 0.5.23 venv (built on first use, with attnplug editable)."""
+    from integration import sglang_envs
+
+    return sglang_envs.ensure_sglang_venv(sglang_envs.NEW_VERSION)
+
+
+@pytest.fixture(scope="session")
+def sglang_tiny_model(sglang_python: Path) -> Path:
+    """The same tiny model as ``tiny_model`` (one cache entry), built with SGLang's python if first."""
+    from integration import harness
+
+    return harness.ensure_tiny_model(sglang_python, head_dim=32)

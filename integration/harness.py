@@ -564,13 +564,62 @@ def prepare_workdir(workdir: Path, *, reports: bool) -> Path | None:
     return report_dir
 
 
+@dataclass
+class ServerRun:
+    """Everything one server start produced (``LiveServers`` fills ``log`` once the server stopped)."""
+
+    config: object  # the engine's server configuration
+    completions: list[Generation]  # workload.PROMPTS in one request
+    chat: Generation  # workload.CHAT_MESSAGES
+    concurrent: list[Generation] | None  # workload.CONCURRENT_PROMPTS, all in flight at once
+    sequential: list[Generation] | None  # workload.CONCURRENT_PROMPTS, one after the other
+    while_decoding: tuple[Generation, Generation] | None  # an engine's extra pair (see run_workload)
+    reports: list[dict]  # attnplug's per-process reports (when the config asks for them)
+    start_s: float
+    workload_s: float
+    log: str = ""  # the server's whole log, read after it stopped
+
+
+def run_workload(engine: str, config, server: RunningServer, *, chat, with_concurrency: bool,
+                 while_decoding=None) -> ServerRun:
+    """The live tests' workload (``integration/workload.py``) on one running server.
+
+    ``chat(server, model, messages, max_tokens=)`` is the engine's chat request; with
+    ``with_concurrency`` the concurrent prompts also go all at once and one by one, and
+    ``while_decoding(server, model)`` (if given) returns the engine's pair of generations for a request
+    that joins a running decode.
+    """
+    from integration import workload
+
+    model, max_tokens = server.info["model"], workload.MAX_TOKENS
+    started = time.monotonic()
+    completions = complete(server, model, workload.PROMPTS, max_tokens=max_tokens)
+    chat_generation = chat(server, model, workload.CHAT_MESSAGES, max_tokens=max_tokens)
+    concurrent = sequential = joined = None
+    if with_concurrency:
+        concurrent = complete_concurrently(server, model, workload.CONCURRENT_PROMPTS, max_tokens=max_tokens)
+        sequential = complete_sequentially(server, model, workload.CONCURRENT_PROMPTS, max_tokens=max_tokens)
+        joined = while_decoding(server, model) if while_decoding is not None else None
+    workload_s = time.monotonic() - started
+    log(f"{engine}[{config.label}] workload done in {workload_s:.1f} s")
+    report_dir = server.info["report_dir"]
+    reports = wait_for_reports(report_dir, since=time.time()) if report_dir is not None else []
+    return ServerRun(config, completions, chat_generation, concurrent, sequential, joined, reports,
+                     start_s=server.started_in_s, workload_s=workload_s)
+
+
+def describe(generations: Sequence[Generation], prompts: Sequence[str]) -> str:
+    """One line per prompt (its first 40 characters), its token ids and text: for assertion messages."""
+    return "\n".join(f"  {prompt[:40]!r}: {g.token_ids} {g.text!r}" for prompt, g in zip(prompts, generations))
+
+
 class LiveServers:
     """Starts each server configuration once, runs a workload on it, stops it, and caches the run
     (or its error, so that later tests of that configuration fail fast without a restart).
 
     ``serve(config, python=..., model_dir=..., workdir=...)`` is the engine's server context
-    manager; ``workload(config, server)`` returns the run, an object with a ``log`` attribute that
-    gets the server's whole log once it has stopped.
+    manager; ``workload(config, server)`` returns the :class:`ServerRun` (usually through
+    :func:`run_workload`), whose ``log`` gets the server's whole log once it has stopped.
     """
 
     def __init__(self, engine: str, serve, workload, python: Path, model_dir: Path, workdir: Path):

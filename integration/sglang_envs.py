@@ -1,9 +1,7 @@
-"""The SGLang venvs the adapter tests run in: 0.5.23 (newest); 0.5.9 (the last release before the
-fused decode-metadata kernel of SGLang PR 20778); 0.5.10.post1 (fused metadata, but no FA3
+"""The SGLang venvs the adapter tests run in: 0.5.23 (newest; the live servers' venv, one cached
+build); 0.5.8.post1 (the last with per-tensor NSA draft-metadata copies); 0.5.9 (the last release
+before the fused decode-metadata kernel of SGLang PR 20778); 0.5.10.post1 (fused metadata, but no FA3
 scheduler-metadata precompute, which 0.5.11 added, while its sglang-kernel 0.4.1 can compute one).
-
-0.5.23's spec is the live-server helper's (``integration/sglang_server.py``) when that module
-defines one, so both test files share one cached venv; this file defines its own otherwise.
 """
 
 from __future__ import annotations
@@ -11,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from integration import harness
+from integration import harness, sglang_server
 
 PER_TENSOR_COPY_VERSION = "0.5.8.post1"  # the last release whose NSA draft steps copy metadata per tensor
 OLD_VERSION = "0.5.9"  # last release with the unfused decode metadata (0.5.10 has PR 20778)
@@ -53,23 +51,7 @@ SGLANG_0_5_10_VENV = dataclasses.replace(
 )
 
 
-def _new_venv_spec() -> harness.VenvSpec:
-    try:
-        from integration import sglang_server
-    except ImportError:
-        sglang_server = None
-    spec = getattr(sglang_server, "SGLANG_VENV", None)
-    if isinstance(spec, harness.VenvSpec):
-        return spec
-    return harness.VenvSpec(
-        name=f"sglang-{NEW_VERSION}",
-        torch="torch==2.14.1",
-        requirements=(f"sglang=={NEW_VERSION}", "pluggy>=1.3", "pytest"),
-        smoke_imports=("sglang.srt.layers.attention.triton_backend",),
-    )
-
-
-SGLANG_0_5_23_VENV = _new_venv_spec()
+SGLANG_0_5_23_VENV = sglang_server.SGLANG_VENV
 
 VENVS: dict[str, harness.VenvSpec] = {
     PER_TENSOR_COPY_VERSION: SGLANG_0_5_8_VENV,

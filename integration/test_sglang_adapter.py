@@ -29,6 +29,7 @@ from packaging.version import Version
 
 from attnplug.adapters.sglang.triton_splits import PLAN_COUNTER
 from integration import harness, sglang_envs, workload
+from integration.sglang_server import SglangConfig, serve
 
 pytestmark = pytest.mark.live
 
@@ -154,9 +155,7 @@ def test_patch_checks_pass_in_engine(release: str, tmp_path: Path) -> None:
 PROMPTS = workload.PROMPTS[:4]  # the long prompt included
 
 
-def _triton_config(label: str, patches: str | None):
-    from integration.sglang_server import SglangConfig
-
+def _triton_config(label: str, patches: str | None) -> SglangConfig:
     env = {
         "ATTNPLUG_TEST_TRITON_CORE_COUNT": TEST_CORE_COUNT,
         "PYTHONPATH": os.pathsep.join((str(CORE_COUNT_SHIM_DIR), str(SGL_KERNEL_SHIM_DIR))),
@@ -165,9 +164,7 @@ def _triton_config(label: str, patches: str | None):
     return SglangConfig.make(label, "triton", env=env, report=patches is not None)
 
 
-def _serve_and_generate(config, python: Path, model_dir: Path, workdir: Path):
-    from integration.sglang_server import serve
-
+def _serve_and_generate(config: SglangConfig, python: Path, model_dir: Path, workdir: Path):
     with serve(config, python=python, model_dir=model_dir, workdir=workdir / config.label) as server:
         model = server.info["model"]
         completions = harness.complete(server, model, PROMPTS, max_tokens=workload.MAX_TOKENS)
@@ -177,13 +174,9 @@ def _serve_and_generate(config, python: Path, model_dir: Path, workdir: Path):
     return completions, chat, reports, server.log_text()
 
 
-def test_patched_triton_server_gives_stock_tokens(tmp_path: Path) -> None:
-    try:
-        from integration import sglang_server  # noqa: F401 -- the live-server helpers (another file's)
-    except ImportError as error:
-        pytest.skip(f"integration/sglang_server.py (SGLang launch helpers) is not available: {error}")
-    python = sglang_envs.ensure_sglang_venv(sglang_envs.NEW_VERSION)
-    model_dir = harness.ensure_tiny_model(python, head_dim=32)
+def test_patched_triton_server_gives_stock_tokens(sglang_python: Path, sglang_tiny_model: Path,
+                                                  tmp_path: Path) -> None:
+    python, model_dir = sglang_python, sglang_tiny_model
     stock = _serve_and_generate(_triton_config("triton-stock", None), python, model_dir, tmp_path)
     patched = _serve_and_generate(_triton_config("triton-kv-splits", "sglang.triton.kv_splits"), python, model_dir,
                                   tmp_path)

@@ -3,7 +3,7 @@
 Each server configuration (:class:`SglangConfig`: attention backend, extra env, extra CLI args) is
 started ONCE per module by :class:`harness.LiveServers`, runs the whole workload (a batched
 completion request, a chat request and, for configs in ``CONCURRENCY_CONFIGS``, 16 concurrent + 16
-sequential requests), is stopped, and its :class:`ServerRun` is cached. Tests take a run through
+sequential requests), is stopped, and its :class:`harness.ServerRun` is cached. Tests take a run through
 the indirectly parametrized ``server`` fixture::
 
     @pytest.mark.parametrize("server", [MY_CONFIG], indirect=True, ids=label)
@@ -17,15 +17,13 @@ names another plugin); to add a backend to the differential test, append its con
 from __future__ import annotations
 
 import re
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from integration import harness, sglang_server
 from integration.sglang_server import ATTNPLUG_PLUGIN, SglangConfig, serve
-from integration.workload import CHAT_MESSAGES, CONCURRENT_PROMPTS, MAX_TOKENS, PROMPTS
+from integration.workload import CONCURRENT_PROMPTS, MAX_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.live
 
@@ -50,53 +48,13 @@ def label(config: SglangConfig) -> str:
     return config.label
 
 
-@dataclass
-class ServerRun:
-    """Everything one server start produced."""
+def workload(config: SglangConfig, server: harness.RunningServer) -> harness.ServerRun:
+    def while_decoding(server, model):  # PROMPTS[RUNNING] streamed, CONCURRENT_PROMPTS[LATE] joins it: MIXED
+        return sglang_server.complete_while_decoding(server, model, PROMPTS[RUNNING], CONCURRENT_PROMPTS[LATE],
+                                                     max_tokens=MAX_TOKENS)
 
-    config: SglangConfig
-    completions: list[harness.Generation]  # PROMPTS in one request
-    chat: harness.Generation  # CHAT_MESSAGES
-    concurrent: list[harness.Generation] | None  # CONCURRENT_PROMPTS, all in flight at once
-    sequential: list[harness.Generation] | None  # CONCURRENT_PROMPTS, one after the other
-    # (PROMPTS[RUNNING] streamed, CONCURRENT_PROMPTS[LATE] sent once the first is decoding): a MIXED batch
-    while_decoding: tuple[harness.Generation, harness.Generation] | None
-    reports: list[dict]  # attnplug's per-process reports (config.report)
-    log: str  # the server's whole log, read after it stopped
-    start_s: float
-    workload_s: float
-
-
-def workload(config: SglangConfig, server: harness.RunningServer) -> ServerRun:
-    model = server.info["model"]
-    started = time.monotonic()
-    completions = harness.complete(server, model, PROMPTS, max_tokens=MAX_TOKENS)
-    chat = sglang_server.chat(server, model, CHAT_MESSAGES, max_tokens=MAX_TOKENS)
-    concurrent = sequential = while_decoding = None
-    if config in CONCURRENCY_CONFIGS:
-        concurrent = harness.complete_concurrently(server, model, CONCURRENT_PROMPTS, max_tokens=MAX_TOKENS)
-        sequential = harness.complete_sequentially(server, model, CONCURRENT_PROMPTS, max_tokens=MAX_TOKENS)
-        while_decoding = sglang_server.complete_while_decoding(
-            server, model, PROMPTS[RUNNING], CONCURRENT_PROMPTS[LATE], max_tokens=MAX_TOKENS
-        )
-    workload_s = time.monotonic() - started
-    harness.log(f"sglang[{config.label}] workload done in {workload_s:.1f} s")
-    report_dir = server.info["report_dir"]
-    reports = harness.wait_for_reports(report_dir, since=time.time()) if report_dir is not None else []
-    return ServerRun(config, completions, chat, concurrent, sequential, while_decoding, reports, log="",
-                     start_s=server.started_in_s, workload_s=workload_s)
-
-
-@pytest.fixture(scope="module")
-def sglang_python() -> Path:
-    """Python of the cached sglang 0.5.23 venv (built on first use, with attnplug editable)."""
-    return harness.ensure_venv(sglang_server.SGLANG_VENV)
-
-
-@pytest.fixture(scope="module")
-def sglang_tiny_model(sglang_python: Path) -> Path:
-    """Directory of the tiny random Llama (head_dim 32) + tokenizer, built once into the cache."""
-    return harness.ensure_tiny_model(sglang_python, head_dim=32)
+    return harness.run_workload("sglang", config, server, chat=sglang_server.chat,
+                                with_concurrency=config in CONCURRENCY_CONFIGS, while_decoding=while_decoding)
 
 
 @pytest.fixture(scope="module")
@@ -108,41 +66,37 @@ def live_servers(
 
 
 @pytest.fixture
-def server(request: pytest.FixtureRequest, live_servers: harness.LiveServers) -> ServerRun:
+def server(request: pytest.FixtureRequest, live_servers: harness.LiveServers) -> harness.ServerRun:
     """The cached run of the server configuration given by indirect parametrization."""
     return live_servers.run(request.param)
 
 
-def _describe(generations: list[harness.Generation], prompts: tuple[str, ...]) -> str:
-    return "\n".join(f"  {prompt[:40]!r}: {g.token_ids} {g.text!r}" for prompt, g in zip(prompts, generations))
-
-
-def _scheduler_reports(run: ServerRun) -> list[dict]:
+def _scheduler_reports(run: harness.ServerRun) -> list[dict]:
     return [report for report in run.reports if "sglang::scheduler" in " ".join(report.get("cmdline", []))]
 
 
 @pytest.mark.parametrize("server", [STOCK_TRITON], indirect=True, ids=label)
-def test_stock_server_generates_full_greedy_sequences(server: ServerRun) -> None:
+def test_stock_server_generates_full_greedy_sequences(server: harness.ServerRun) -> None:
     """The reference is meaningful: token ids come back, 16 per prompt, prompts differ, no attnplug."""
     for generation in [*server.completions, server.chat]:  # chat: ids via sglang_server.chat
         assert generation.token_ids is not None, "server returned no token ids (return_token_ids)"
         assert len(generation.token_ids) == MAX_TOKENS, generation
-    assert len({g.token_ids for g in server.completions}) > 1, _describe(server.completions, PROMPTS)
+    assert len({g.token_ids for g in server.completions}) > 1, harness.describe(server.completions, PROMPTS)
     assert "attnplug INFO [pid" not in server.log, "attnplug's plugin must not load in the stock server"
 
 
 @pytest.mark.parametrize("server", SAME_TOKENS_AS_STOCK, indirect=True, ids=label)
-def test_same_tokens_as_stock(server: ServerRun, live_servers: harness.LiveServers) -> None:
+def test_same_tokens_as_stock(server: harness.ServerRun, live_servers: harness.LiveServers) -> None:
     stock = live_servers.run(STOCK_TRITON)
     assert [g.key for g in server.completions] == [g.key for g in stock.completions], (
-        f"{server.config.label}:\n{_describe(server.completions, PROMPTS)}\n"
-        f"stock triton:\n{_describe(stock.completions, PROMPTS)}"
+        f"{server.config.label}:\n{harness.describe(server.completions, PROMPTS)}\n"
+        f"stock triton:\n{harness.describe(stock.completions, PROMPTS)}"
     )
     assert server.chat.key == stock.chat.key, f"{server.config.label}: {server.chat}\nstock triton: {stock.chat}"
 
 
 @pytest.mark.parametrize("server", [ATTNPLUG], indirect=True, ids=label)
-def test_attnplug_kernels_ran_in_scheduler_planning_once_per_batch(server: ServerRun) -> None:
+def test_attnplug_kernels_ran_in_scheduler_planning_once_per_batch(server: harness.ServerRun) -> None:
     """attnplug's ops ran in SGLang's scheduler process, and the plan was made once per batch, not per layer."""
     assert "falls back to SGLang's torch_native" not in server.log, "a tiny Llama must need no fallback"
     # (extend batches with prefixes come from the radix cache; SGLang 0.5.23 runs MIXED batches as EXTEND)
@@ -162,18 +116,18 @@ def test_attnplug_kernels_ran_in_scheduler_planning_once_per_batch(server: Serve
 
 
 @pytest.mark.parametrize("server", sorted(CONCURRENCY_CONFIGS, key=label), indirect=True, ids=label)
-def test_concurrent_requests_equal_sequential(server: ServerRun) -> None:
+def test_concurrent_requests_equal_sequential(server: harness.ServerRun) -> None:
     assert server.concurrent is not None and server.sequential is not None
     assert len(server.concurrent) == len(CONCURRENT_PROMPTS)
     assert all(g.token_ids is not None and len(g.token_ids) == MAX_TOKENS for g in server.concurrent)
     assert [g.key for g in server.concurrent] == [g.key for g in server.sequential], (
-        f"concurrent:\n{_describe(server.concurrent, CONCURRENT_PROMPTS)}\n"
-        f"sequential:\n{_describe(server.sequential, CONCURRENT_PROMPTS)}"
+        f"concurrent:\n{harness.describe(server.concurrent, CONCURRENT_PROMPTS)}\n"
+        f"sequential:\n{harness.describe(server.sequential, CONCURRENT_PROMPTS)}"
     )
 
 
 @pytest.mark.parametrize("server", sorted(CONCURRENCY_CONFIGS, key=label), indirect=True, ids=label)
-def test_request_joining_a_decode_equals_alone(server: ServerRun) -> None:
+def test_request_joining_a_decode_equals_alone(server: harness.ServerRun) -> None:
     """A request that arrives while another decodes gets the tokens it gets alone (and so does the other).
 
     With ``--enable-mixed-chunk`` SGLang mixes the running decode into the late prefill (0.5.23's eager
@@ -187,7 +141,7 @@ def test_request_joining_a_decode_equals_alone(server: ServerRun) -> None:
 
 
 @pytest.mark.parametrize("server", [TORCH_NATIVE_DISABLED], indirect=True, ids=label)
-def test_disabled_runs_stock(server: ServerRun) -> None:
+def test_disabled_runs_stock(server: harness.ServerRun) -> None:
     """ATTNPLUG_DISABLE=1 (even with ATTNPLUG_PATCHES=all): attnplug registers, patches and counts nothing."""
     assert "ATTNPLUG_DISABLE=1: attnplug is off in this process; sglang runs stock" in server.log
     assert all(not report.get("op_calls") and not report.get("patches") for report in server.reports), server.reports

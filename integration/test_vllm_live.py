@@ -3,7 +3,7 @@
 Each server configuration (:class:`VllmConfig`: extra env, extra CLI args, the class the test-only
 shim routes ``CPU_ATTN`` to) is started ONCE per module by :class:`harness.LiveServers`, runs the whole
 workload (a batched completion request, a chat request and, for configs in ``CONCURRENCY_CONFIGS``,
-16 concurrent + 16 sequential requests), is stopped, and its :class:`ServerRun` is cached: a start
+16 concurrent + 16 sequential requests), is stopped, and its :class:`harness.ServerRun` is cached: a start
 costs ~20-40 s. Tests take a run through the indirectly parametrized ``server`` fixture::
 
     @pytest.mark.parametrize("server", [MY_CONFIG], indirect=True, ids=label)
@@ -15,15 +15,13 @@ To add a backend to the differential test, append its config to ``SAME_TOKENS_AS
 from __future__ import annotations
 
 import re
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from integration import harness
 from integration.vllm_server import SHIM_PLUGIN, TRITON_BACKEND, VllmConfig, serve
-from integration.workload import CHAT_MESSAGES, CONCURRENT_PROMPTS, MAX_TOKENS, PROMPTS
+from integration.workload import CONCURRENT_PROMPTS, MAX_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.live
 
@@ -60,36 +58,9 @@ def label(config: VllmConfig) -> str:
     return config.label
 
 
-@dataclass
-class ServerRun:
-    """Everything one server start produced."""
-
-    config: VllmConfig
-    completions: list[harness.Generation]  # PROMPTS in one request
-    chat: harness.Generation  # CHAT_MESSAGES
-    concurrent: list[harness.Generation] | None  # CONCURRENT_PROMPTS, all in flight at once
-    sequential: list[harness.Generation] | None  # CONCURRENT_PROMPTS, one after the other
-    reports: list[dict]  # attnplug's per-process reports (config.report)
-    log: str  # the server's whole log, read after it stopped
-    start_s: float
-    workload_s: float
-
-
-def workload(config: VllmConfig, server: harness.RunningServer) -> ServerRun:
-    model = server.info["model"]
-    started = time.monotonic()
-    completions = harness.complete(server, model, PROMPTS, max_tokens=MAX_TOKENS)
-    chat = harness.chat(server, model, CHAT_MESSAGES, max_tokens=MAX_TOKENS)
-    concurrent = sequential = None
-    if config in CONCURRENCY_CONFIGS:
-        concurrent = harness.complete_concurrently(server, model, CONCURRENT_PROMPTS, max_tokens=MAX_TOKENS)
-        sequential = harness.complete_sequentially(server, model, CONCURRENT_PROMPTS, max_tokens=MAX_TOKENS)
-    workload_s = time.monotonic() - started
-    harness.log(f"vllm[{config.label}] workload done in {workload_s:.1f} s")
-    report_dir = server.info["report_dir"]
-    reports = harness.wait_for_reports(report_dir, since=time.time()) if report_dir is not None else []
-    return ServerRun(config, completions, chat, concurrent, sequential, reports, log="",
-                     start_s=server.started_in_s, workload_s=workload_s)
+def workload(config: VllmConfig, server: harness.RunningServer) -> harness.ServerRun:
+    return harness.run_workload("vllm", config, server, chat=harness.chat,
+                                with_concurrency=config in CONCURRENCY_CONFIGS)
 
 
 @pytest.fixture(scope="module")
@@ -98,45 +69,42 @@ def live_servers(vllm_python: Path, tiny_model: Path, tmp_path_factory: pytest.T
 
 
 @pytest.fixture
-def server(request: pytest.FixtureRequest, live_servers: harness.LiveServers) -> ServerRun:
+def server(request: pytest.FixtureRequest, live_servers: harness.LiveServers) -> harness.ServerRun:
     """The cached run of the server configuration given by indirect parametrization."""
     return live_servers.run(request.param)
 
 
-def _describe(generations: list[harness.Generation], prompts: tuple[str, ...]) -> str:
-    return "\n".join(f"  {prompt[:40]!r}: {g.token_ids} {g.text!r}" for prompt, g in zip(prompts, generations))
-
-
 @pytest.mark.parametrize("server", [STOCK], indirect=True, ids=label)
-def test_stock_server_generates_full_greedy_sequences(server: ServerRun) -> None:
+def test_stock_server_generates_full_greedy_sequences(server: harness.ServerRun) -> None:
     """The baseline is meaningful: token ids come back, 16 per prompt, and prompts differ in output."""
     for generation in [*server.completions, server.chat]:
         assert generation.token_ids is not None, "server returned no token ids (return_token_ids)"
         assert len(generation.token_ids) == MAX_TOKENS, generation
-    assert len({g.token_ids for g in server.completions}) > 1, _describe(server.completions, PROMPTS)
+    assert len({g.token_ids for g in server.completions}) > 1, harness.describe(server.completions, PROMPTS)
     assert "routes CPU_ATTN" not in server.log, "the stock server must not reroute CPU attention"
 
 
 @pytest.mark.parametrize("server", SAME_TOKENS_AS_STOCK, indirect=True, ids=label)
-def test_same_tokens_as_stock(server: ServerRun, live_servers: harness.LiveServers) -> None:
+def test_same_tokens_as_stock(server: harness.ServerRun, live_servers: harness.LiveServers) -> None:
     stock = live_servers.run(STOCK)
     if server.config.cpu_attn_class is not None:  # the shim rerouted attention in the worker process
         routed = rf"Worker\S* pid=\d+\) .*routes CPU_ATTN to {re.escape(server.config.cpu_attn_class)}"
         assert re.search(routed, server.log), f"no worker log line matching {routed!r}"
     assert [g.key for g in server.completions] == [g.key for g in stock.completions], (
-        f"{server.config.label}:\n{_describe(server.completions, PROMPTS)}\nstock:\n{_describe(stock.completions, PROMPTS)}"
+        f"{server.config.label}:\n{harness.describe(server.completions, PROMPTS)}\n"
+        f"stock:\n{harness.describe(stock.completions, PROMPTS)}"
     )
     assert server.chat.key == stock.chat.key, f"{server.config.label}: {server.chat}\nstock: {stock.chat}"
 
 
 @pytest.mark.parametrize("server", sorted(CONCURRENCY_CONFIGS, key=label), indirect=True, ids=label)
-def test_concurrent_requests_equal_sequential(server: ServerRun) -> None:
+def test_concurrent_requests_equal_sequential(server: harness.ServerRun) -> None:
     assert server.concurrent is not None and server.sequential is not None
     assert len(server.concurrent) == len(CONCURRENT_PROMPTS)
     assert all(g.token_ids is not None and len(g.token_ids) == MAX_TOKENS for g in server.concurrent)
     assert [g.key for g in server.concurrent] == [g.key for g in server.sequential], (
-        f"concurrent:\n{_describe(server.concurrent, CONCURRENT_PROMPTS)}\n"
-        f"sequential:\n{_describe(server.sequential, CONCURRENT_PROMPTS)}"
+        f"concurrent:\n{harness.describe(server.concurrent, CONCURRENT_PROMPTS)}\n"
+        f"sequential:\n{harness.describe(server.sequential, CONCURRENT_PROMPTS)}"
     )
 
 
@@ -146,7 +114,7 @@ def _op_calls(reports: list[dict]) -> dict[str, dict[str, int]]:
 
 
 @pytest.mark.parametrize("server", RUNS_ATTNPLUG, indirect=True, ids=label)
-def test_attnplug_kernels_ran_in_the_worker_and_planned_once_per_batch(server: ServerRun) -> None:
+def test_attnplug_kernels_ran_in_the_worker_and_planned_once_per_batch(server: harness.ServerRun) -> None:
     calls = _op_calls(server.reports)
     assert len(calls) == 1, f"expected exactly one process (the worker) to run attnplug's ops, got {calls}"
     (process, counts), = calls.items()
@@ -161,7 +129,7 @@ def test_attnplug_kernels_ran_in_the_worker_and_planned_once_per_batch(server: S
 
 
 @pytest.mark.parametrize("server", [DISABLED, NOT_ALLOWED], indirect=True, ids=label)
-def test_disabled_or_not_allowed_runs_stock(server: ServerRun) -> None:
+def test_disabled_or_not_allowed_runs_stock(server: harness.ServerRun) -> None:
     assert server.reports == [], f"attnplug loaded although it was off: {server.reports}"
     assert "patches:" not in server.log and "falls back" not in server.log
     assert ("attnplug is off in this process" in server.log) == (server.config is DISABLED)

@@ -135,30 +135,45 @@ def _installed_file(distribution: str, path: str) -> str:
     return Path(file.locate()).read_text()
 
 
+_NSA = "sglang.srt.layers.attention.nsa_backend"
+
+
+def _assert_sgl_kernel_0_3_21_lacks_get_scheduler_metadata():
+    """0.5.8-0.5.9's pinned sgl-kernel cannot compute FA3 scheduler metadata (read from the real
+    wheel, not the CPU stand-in)."""
+    assert importlib.metadata.version("sgl-kernel") == "0.3.21"
+    assert "def get_scheduler_metadata" not in _installed_file("sgl-kernel", "sgl_kernel/flash_attn.py")
+
+
+def _assert_nsa_draft_copies_fused_upstream():
+    """0.5.9+: NSA multi-step already copies with SGLang's fused kernel (PR 17554)."""
+    assert "fused_metadata_copy_multi_cuda" in _source(_NSA)
+
+
+def _assert_triton_splits_signature_without_uneven_batch():
+    """Before 0.5.23, Triton's get_num_kv_splits has no uneven_batch: the declaration covers 0.5.23's."""
+    from sglang.srt.layers.attention import triton_backend
+
+    assert tuple(inspect.signature(triton_backend.TritonAttnBackend.get_num_kv_splits).parameters) == (
+        "self", "num_kv_splits", "seq_lens")
+
+
 @per_tensor_copy_release
 def test_0_5_8_facts_behind_the_patches():
-    nsa = _source("sglang.srt.layers.attention.nsa_backend")
+    nsa = _source(_NSA)
     assert "fused_metadata_copy" not in nsa  # the draft steps' copies are per tensor (PR 17554 came in 0.5.9) ...
     assert "init_forward_metadata_replay_cuda_graph_from_precomputed" in nsa  # ... from one precomputed batch
     assert "# TODO: fuse these kernels" in _source(_FA)  # the unfused decode metadata, as in 0.5.9
-    assert importlib.metadata.version("sgl-kernel") == "0.3.21"  # no get_scheduler_metadata, as in 0.5.9
-    assert "def get_scheduler_metadata" not in _installed_file("sgl-kernel", "sgl_kernel/flash_attn.py")
+    _assert_sgl_kernel_0_3_21_lacks_get_scheduler_metadata()
 
 
 @old_release
 def test_0_5_9_facts_behind_the_skips():
     fa = _source(_FA)
-    assert "# TODO: fuse these kernels" in fa and "scheduler_metadata" not in fa  # no precompute in 0.5.9
-    # ... and its pinned sgl-kernel cannot compute one (read from the real wheel, not the CPU stand-in)
-    assert importlib.metadata.version("sgl-kernel") == "0.3.21"
-    assert "def get_scheduler_metadata" not in _installed_file("sgl-kernel", "sgl_kernel/flash_attn.py")
-    # NSA multi-step already copies with SGLang's fused kernel (PR 17554)
-    assert "fused_metadata_copy_multi_cuda" in _source("sglang.srt.layers.attention.nsa_backend")
-    # Triton's get_num_kv_splits has 0.5.9's signature (no uneven_batch): the declaration covers 0.5.23's
-    from sglang.srt.layers.attention import triton_backend
-
-    assert tuple(inspect.signature(triton_backend.TritonAttnBackend.get_num_kv_splits).parameters) == (
-        "self", "num_kv_splits", "seq_lens")
+    assert "# TODO: fuse these kernels" in fa and "scheduler_metadata" not in fa  # no precompute in 0.5.9 ...
+    _assert_sgl_kernel_0_3_21_lacks_get_scheduler_metadata()  # ... and nothing to compute one with
+    _assert_nsa_draft_copies_fused_upstream()
+    _assert_triton_splits_signature_without_uneven_batch()
 
 
 @no_precompute_release
@@ -169,11 +184,8 @@ def test_0_5_10_facts_behind_the_patches():
     assert importlib.metadata.version("sglang-kernel") == "0.4.1"
     assert "def get_scheduler_metadata(" in kernel and "    scheduler_metadata=None," in kernel
     assert "_fused_metadata_kernel_ps1_no_swa" in fa  # the decode metadata is fused upstream (PR 20778)
-    assert "fused_metadata_copy_multi_cuda" in _source("sglang.srt.layers.attention.nsa_backend")
-    from sglang.srt.layers.attention import triton_backend
-
-    assert tuple(inspect.signature(triton_backend.TritonAttnBackend.get_num_kv_splits).parameters) == (
-        "self", "num_kv_splits", "seq_lens")
+    _assert_nsa_draft_copies_fused_upstream()
+    _assert_triton_splits_signature_without_uneven_batch()
 
 
 @new_release
@@ -297,14 +309,30 @@ def _decode_batch(generator, spec_info=None):
     )
 
 
-def _assert_same_metadata(want, have) -> None:
-    assert type(want) is type(have)
+def _assert_same_metadata(want, have, where: str = "metadata") -> None:
+    """Two SGLang metadata dataclasses hold equal tensors (and equal everything else), recursively."""
+    assert type(want) is type(have), where
     for field in dataclasses.fields(want):
-        a, b = getattr(want, field.name), getattr(have, field.name)
+        a, b, name = getattr(want, field.name), getattr(have, field.name), f"{where}.{field.name}"
         if isinstance(a, torch.Tensor):
-            assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), field.name
+            assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), name
+        elif dataclasses.is_dataclass(a):
+            _assert_same_metadata(a, b, name)
         else:
-            assert a == b, field.name
+            assert a == b, name
+
+
+def _reference_decode(q, k_buffer, v_buffer, slots_per_seq, scale) -> torch.Tensor:
+    """float64 decode attention: q [bs, H, D] over each sequence's KV slots (rows of the
+    [num_slots, kv_heads, D] buffers; GQA by repetition) -> [bs, H, D]."""
+    group = q.shape[1] // k_buffer.shape[1]
+    rows = []
+    for qi, slots in zip(q, slots_per_seq):
+        keys = k_buffer[slots].double().repeat_interleave(group, dim=1)  # [n, H, D]
+        values = v_buffer[slots].double().repeat_interleave(group, dim=1)
+        weights = torch.softmax(torch.einsum("hd,nhd->hn", qi.double(), keys) * scale, dim=-1)
+        rows.append(torch.einsum("hn,nhd->hd", weights, values))
+    return torch.stack(rows)
 
 
 @unfused_decode_metadata
@@ -407,20 +435,14 @@ class _StandInFlashAttention:
             bs = cache_seqlens.shape[0]
             this_batch = self.encode(cache_seqlens, cu_seqlens_q, 0)[: 1 + 2 * bs]
             assert torch.equal(scheduler_metadata[: 1 + 2 * bs], this_batch), ("stale", scheduler_metadata, this_batch)
-        page_size, group = k_cache.shape[1], q.shape[1] // k_cache.shape[2]
-        out = torch.empty_like(q)
-        for i, length in enumerate(cache_seqlens.tolist()):
-            positions = torch.arange(length)
-            if window_size[0] >= 0:
-                positions = positions[positions >= length - 1 - window_size[0]]
-            pages = page_table[i, positions // page_size].long()
-            keys = k_cache[pages, positions % page_size].double().repeat_interleave(group, dim=1)  # [n, H, D]
-            values = v_cache[pages, positions % page_size].double().repeat_interleave(group, dim=1)
-            logits = torch.einsum("hd,nhd->hn", q[i].double(), keys) * softmax_scale
-            if softcap > 0:
-                logits = softcap * torch.tanh(logits / softcap)
-            out[i] = torch.einsum("hn,nhd->hd", torch.softmax(logits, dim=-1), values).to(q.dtype)
-        return out
+        assert not softcap, "the checks' layers have no soft cap"
+        page_size = k_cache.shape[1]
+        slots_per_seq = []
+        for pages, length in zip(page_table, cache_seqlens.tolist()):
+            positions = torch.arange(max(0, length - 1 - window_size[0]) if window_size[0] >= 0 else 0, length)
+            slots_per_seq.append(pages[positions // page_size].long() * page_size + positions % page_size)
+        return _reference_decode(q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), slots_per_seq,
+                                 softmax_scale).to(q.dtype)
 
     def flash_attn_varlen_func(self, *args, **kwargs):
         raise NotImplementedError("the stand-in serves decode only")
@@ -486,15 +508,13 @@ class _PagedPool:
 
     def reference(self, q, layer_id, seq_lens, req_pool_indices, window_left=-1) -> torch.Tensor:
         """float64 decode attention over the request rows' token slots: q [bs, H * D] -> [bs, H * D]."""
-        group, rows = Q_HEADS // KV_HEADS, []
-        for qi, length, row in zip(q.view(-1, Q_HEADS, HEAD_DIM), seq_lens.tolist(), req_pool_indices.tolist()):
-            first = max(0, length - 1 - window_left) if window_left >= 0 else 0
-            slots = self.req_to_token[row, first:length].long()
-            keys = self.k[layer_id][slots].double().repeat_interleave(group, dim=1)
-            values = self.v[layer_id][slots].double().repeat_interleave(group, dim=1)
-            weights = torch.softmax(torch.einsum("hd,nhd->hn", qi.double(), keys) * HEAD_DIM**-0.5, dim=-1)
-            rows.append(torch.einsum("hn,nhd->hd", weights, values).reshape(-1))
-        return torch.stack(rows)
+        slots_per_seq = [
+            self.req_to_token[row, max(0, length - 1 - window_left) if window_left >= 0 else 0:length].long()
+            for length, row in zip(seq_lens.tolist(), req_pool_indices.tolist())
+        ]
+        out = _reference_decode(q.view(-1, Q_HEADS, HEAD_DIM), self.k[layer_id], self.v[layer_id], slots_per_seq,
+                                HEAD_DIM**-0.5)
+        return out.reshape(q.shape[0], -1)
 
 
 def _layer(layer_id: int, sliding_window_size=None):
@@ -692,7 +712,6 @@ def test_revert_makes_later_backends_stock(monkeypatch):
 # sglang.spec.metadata_copy on 0.5.8.post1: every draft step's graph metadata as SGLang's copies leave it
 # --------------------------------------------------------------------------------------------------
 
-_NSA = "sglang.srt.layers.attention.nsa_backend"
 NSA_INDEX_TOPK, DRAFT_STEPS = 24, 3
 
 
@@ -726,19 +745,6 @@ def _nsa_draft_backend(monkeypatch, pool: _PagedPool, decode_backend: str):
         req_to_token_pool=SimpleNamespace(req_to_token=pool.req_to_token, size=rows),
     )
     return nsa.NativeSparseAttnMultiStepBackend(runner, topk=1, speculative_num_steps=DRAFT_STEPS)
-
-
-def _assert_same_fields(want, have, where: str) -> None:
-    """Two SGLang metadata dataclasses hold equal tensors (and equal everything else), recursively."""
-    assert type(want) is type(have), where
-    for field in dataclasses.fields(want):
-        a, b, name = getattr(want, field.name), getattr(have, field.name), f"{where}.{field.name}"
-        if isinstance(a, torch.Tensor):
-            assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), name
-        elif dataclasses.is_dataclass(a):
-            _assert_same_fields(a, b, name)
-        else:
-            assert a == b, name
 
 
 @per_tensor_copy_release
@@ -775,7 +781,7 @@ def test_draft_steps_get_the_metadata_sglang_copies(monkeypatch, page_size, deco
         for step, (want, have) in enumerate(zip(stock.attn_backends, patched.attn_backends)):
             where = f"max_len {max_len}, step {step}"
             assert have.forward_metadata is have.decode_cuda_graph_metadata[bs], where
-            _assert_same_fields(want.decode_cuda_graph_metadata[bs], have.decode_cuda_graph_metadata[bs], where)
+            _assert_same_metadata(want.decode_cuda_graph_metadata[bs], have.decode_cuda_graph_metadata[bs], where)
             whole_tables = want.decode_cuda_graph_metadata["page_table"], have.decode_cuda_graph_metadata["page_table"]
             assert torch.equal(*whole_tables), where  # past the batch's width too
             page_table = have.decode_cuda_graph_metadata[bs].page_table_1
@@ -853,19 +859,6 @@ def test_kv_splits_stay_in_sglang_contract(device_core_count, bs, num_group):
         assert (ours == planned_kv_splits(backend, bs * num_group)).all()
 
 
-def _reference_decode(q, k_buffer, v_buffer, kv_indptr, kv_indices, scale) -> torch.Tensor:
-    """float64 decode attention: q [bs, H, D] over each sequence's KV slots -> [bs, H, D]."""
-    group = q.shape[1] // k_buffer.shape[1]
-    rows = []
-    for i in range(q.shape[0]):
-        slots = kv_indices[kv_indptr[i]:kv_indptr[i + 1]]
-        keys = k_buffer[slots].double().repeat_interleave(group, dim=1)  # [n, H, D]
-        values = v_buffer[slots].double().repeat_interleave(group, dim=1)
-        weights = torch.softmax(torch.einsum("hd,nhd->hn", q[i].double(), keys) * scale, dim=-1)
-        rows.append(torch.einsum("hn,nhd->hd", weights, values))
-    return torch.stack(rows)
-
-
 @new_release
 def test_kv_splits_give_the_same_decode_attention_as_the_stock_plan():
     import importlib
@@ -896,7 +889,8 @@ def test_kv_splits_give_the_same_decode_attention_as_the_stock_plan():
     _apply_only("kv_splits")
     our_splits = _splits(cls.get_num_kv_splits, backend, seq_lens)
     assert not torch.equal(stock_splits, our_splits)  # a different plan, so the comparison means something
-    reference = _reference_decode(q, k_buffer, v_buffer, kv_indptr, kv_indices, head_dim**-0.5)
+    slots_per_seq = [kv_indices[kv_indptr[i]:kv_indptr[i + 1]] for i in range(bs)]
+    reference = _reference_decode(q, k_buffer, v_buffer, slots_per_seq, head_dim**-0.5)
     stock, ours = attend(stock_splits), attend(our_splits)
     torch.testing.assert_close(stock.double(), reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours.double(), reference, rtol=1e-5, atol=1e-5)
