@@ -608,6 +608,16 @@ def run_workload(engine: str, config, server: RunningServer, *, chat, with_concu
                      start_s=server.started_in_s, workload_s=workload_s)
 
 
+def assert_full_greedy_sequences(run: ServerRun) -> None:
+    """A reference run is meaningful: token ids come back, ``MAX_TOKENS`` per prompt, and prompts differ."""
+    from integration import workload
+
+    for generation in [*run.completions, run.chat]:
+        assert generation.token_ids is not None, "server returned no token ids (return_token_ids)"
+        assert len(generation.token_ids) == workload.MAX_TOKENS, generation
+    assert len({g.token_ids for g in run.completions}) > 1, describe(run.completions, workload.PROMPTS)
+
+
 def describe(generations: Sequence[Generation], prompts: Sequence[str]) -> str:
     """One line per prompt (its first 40 characters), its token ids and text: for assertion messages."""
     return "\n".join(f"  {prompt[:40]!r}: {g.token_ids} {g.text!r}" for prompt, g in zip(prompts, generations))

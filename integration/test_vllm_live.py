@@ -77,10 +77,7 @@ def server(request: pytest.FixtureRequest, live_servers: harness.LiveServers) ->
 @pytest.mark.parametrize("server", [STOCK], indirect=True, ids=label)
 def test_stock_server_generates_full_greedy_sequences(server: harness.ServerRun) -> None:
     """The baseline is meaningful: token ids come back, 16 per prompt, and prompts differ in output."""
-    for generation in [*server.completions, server.chat]:
-        assert generation.token_ids is not None, "server returned no token ids (return_token_ids)"
-        assert len(generation.token_ids) == MAX_TOKENS, generation
-    assert len({g.token_ids for g in server.completions}) > 1, harness.describe(server.completions, PROMPTS)
+    harness.assert_full_greedy_sequences(server)
     assert "routes CPU_ATTN" not in server.log, "the stock server must not reroute CPU attention"
 
 
