@@ -89,6 +89,7 @@ class Batch:
         query_lens = [ql for ql, _ in lengths]
         seq_lens = [sl for _, sl in lengths]
         self.max_seqlen_q, self.max_seqlen_k = max(query_lens, default=1), max(seq_lens, default=1)
+        self.max_decode_query_len = max(query_lens[:num_decodes], default=1)
         pages_per_seq = [math.ceil(sl / page_size) for sl in seq_lens]
         max_pages = max(pages_per_seq, default=1) + 1
         num_pages = sum(pages_per_seq) + extra_pages
@@ -111,7 +112,8 @@ class Batch:
         return plan_attention(self.query_start_loc, self.seq_lens, num_decodes=self.num_decodes,
                               num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads,
                               head_size=self.head_size, page_size=self.page_size,
-                              max_seqlen_q=self.max_seqlen_q, max_seqlen_k=self.max_seqlen_k, **kwargs)
+                              max_seqlen_q=self.max_seqlen_q, max_seqlen_k=self.max_seqlen_k,
+                              **{"max_decode_query_len": self.max_decode_query_len, **kwargs})
 
     def run(self, plan, q=None, k_cache=None, v_cache=None, **kwargs):
         q = self.q if q is None else q
@@ -272,12 +274,113 @@ def test_empty_batch_is_a_no_op():
     assert torch.isnan(out).all()
 
 
+# ----------------------------------------------------------------------------- verify (decode-like, several queries)
+# (query_len, seq_len) of decode-like sequences: plain decodes and speculative verify blocks of 2-16
+# tokens with odd KV lengths, ragged as after rejections
+VERIFY_LENS = [(4, 300), (1, 1), (16, 1000), (3, 7), (1, 65), (7, 65), (2, 2), (11, 300)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_size,page_size", [
+    (6, 2, 48, 1),    # GQA 3, head 48, page 1
+    (4, 2, 80, 16),   # GQA 2, head 80
+    (3, 3, 32, 16),   # MHA
+])
+@pytest.mark.parametrize("segments", [1, 3])
+def test_verify_batch_with_prefills(dtype, num_q_heads, num_kv_heads, head_size, page_size, segments):
+    batch = Batch(VERIFY_LENS + PREFILL_LENS[:2], num_decodes=len(VERIFY_LENS), num_q_heads=num_q_heads,
+                  num_kv_heads=num_kv_heads, head_size=head_size, page_size=page_size, dtype=dtype,
+                  seed=head_size + segments)
+    plan = check(batch, dtype, plan_kwargs=dict(split_kv_policy=split(segments)))
+    assert plan.num_segments == segments and plan.max_decode_query_len == 16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("options", [
+    dict(window_size=(5, -1)),   # shorter than the draft block: later queries drop earlier ones
+    dict(window_size=(100, -1), softcap=2.0),
+    dict(sinks=True),
+    dict(window_size=(9, -1), softcap=3.0, sinks=True),
+])
+def test_verify_window_softcap_sinks(dtype, options):
+    batch = Batch(VERIFY_LENS[:6] + PREFILL_LENS[2:], num_decodes=6, num_q_heads=6, num_kv_heads=2, head_size=32,
+                  page_size=16, dtype=dtype, seed=13)
+    if options.get("sinks"):
+        options = dict(options, sinks=torch.randn(6, generator=batch.generator).mul(2).to(DEVICE))
+    for segments in (1, 4):
+        check(batch, dtype, plan_kwargs=dict(split_kv_policy=split(segments)), **options)
+
+
+def test_verify_queries_over_several_programs(monkeypatch):
+    """A GQA group x draft block larger than one tile is cut into query blocks (here 4 of 4 tokens)."""
+    from attnplug.core.attention import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "DECODE_MAX_ROWS", 16)
+    batch = Batch(VERIFY_LENS[:4] + PREFILL_LENS[:1], num_decodes=4, num_q_heads=8, num_kv_heads=2, head_size=32,
+                  page_size=16, dtype=torch.float32, seed=17)
+    for segments in (1, 2):
+        plan = check(batch, torch.float32, plan_kwargs=dict(split_kv_policy=split(segments)), window_size=(30, -1))
+        assert plan.decode_constexprs["BLOCK_Q"] == 4 and plan.decode_constexprs["QUERY_BLOCKS"] == 4
+        assert plan.decode_grid == (segments, 2 * 4, 4)
+
+
+def test_plain_decodes_keep_the_one_query_kernel():
+    batch = Batch(DECODE_LENS, num_decodes=5, num_q_heads=8, num_kv_heads=2, head_size=32, page_size=16,
+                  dtype=torch.float32)
+    plan = batch.plan(max_decode_query_len=4)  # an upper bound above the batch's max_seqlen_q of 1
+    assert plan.max_decode_query_len == 1 and plan.decode_constexprs["BLOCK_Q"] == 1
+    assert plan.decode_constexprs["BLOCK_M"] == 16
+
+
+@pytest.mark.parametrize("qlen_of_padding", [0, 4])
+def test_padding_lanes_touch_no_real_row(qlen_of_padding):
+    """CUDA-graph padding: lanes with seq_len 0 past the real batch, with token rows past the real
+    tokens (or none); their block-table rows hold page ids that must never be read."""
+    real = VERIFY_LENS[:4]
+    num_pad = 3
+    batch = Batch(real + [(qlen_of_padding or 1, 1)] * num_pad, num_decodes=len(real) + num_pad, num_q_heads=4,
+                  num_kv_heads=2, head_size=32, page_size=16, dtype=torch.float32, seed=19)
+    batch.block_table[len(real):] = 10**6
+    lens = [ql for ql, _ in real] + [qlen_of_padding] * num_pad
+    batch.query_start_loc.copy_(torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32))
+    batch.seq_lens[len(real):] = 0
+    num_real_tokens = sum(ql for ql, _ in real)
+    q = torch.cat([batch.q[:num_real_tokens], torch.randn(num_pad * 4 + 2, 4, 32).to(DEVICE)])
+    workspace = AttentionWorkspace.allocate(8, 64, 4, 32, device=DEVICE, max_decode_query_len=16)
+    expected = reference_attention(q[:num_real_tokens], batch.k_cache, batch.v_cache, batch.block_table[:len(real)],
+                                   batch.query_start_loc[:len(real) + 1], batch.seq_lens[:len(real)],
+                                   softmax_scale=32 ** -0.5)
+    for segments in (1, 3):
+        plan = plan_attention(batch.query_start_loc, batch.seq_lens, num_decodes=len(real) + num_pad, num_q_heads=4,
+                              num_kv_heads=2, head_size=32, page_size=16, max_seqlen_q=16, max_seqlen_k=1000,
+                              max_decode_query_len=16, workspace=workspace, split_kv_policy=split(segments))
+        out = torch.full_like(q, float("nan"))
+        paged_attention(q, batch.k_cache, batch.v_cache, batch.block_table, plan, out, softmax_scale=32 ** -0.5)
+        assert_close_verbose(out[:num_real_tokens], expected, atol=2e-4, rtol=2e-4, what=f"{segments} segments")
+        assert torch.isnan(out[num_real_tokens:]).all(), "a padding lane wrote an output row"
+
+
+def test_one_verify_plan_many_layers_with_workspace():
+    batch = Batch(VERIFY_LENS[:5] + PREFILL_LENS[:1], num_decodes=5, num_q_heads=4, num_kv_heads=2, head_size=32,
+                  page_size=16, dtype=torch.float32, seed=23)
+    workspace = AttentionWorkspace.allocate(8, 128, 4, 32, device=DEVICE, max_decode_query_len=16)
+    plan = batch.plan(workspace=workspace, split_kv_policy=split(2))
+    assert plan.segment_out is workspace.segment_out
+    for layer in range(2):
+        q = torch.randn(batch.q.shape, generator=batch.generator).to(DEVICE)
+        k = torch.randn(batch.k_cache.shape, generator=batch.generator).to(DEVICE)
+        v = torch.randn(batch.v_cache.shape, generator=batch.generator).to(DEVICE)
+        got = batch.run(plan, q=q, k_cache=k, v_cache=v)
+        assert_close_verbose(got, batch.reference(q=q, k_cache=k, v_cache=v), atol=2e-4, rtol=2e-4, what=f"layer {layer}")
+
+
 # ----------------------------------------------------------------------------- plan / errors
 def test_default_policy_fills_the_gpu_without_a_cliff():
     def segments(num_decodes, max_seqlen_k=32768):
         return default_split_kv_policy(SplitKVProblem(
-            num_decodes=num_decodes, max_seqlen_k=max_seqlen_k, num_q_heads=32, num_kv_heads=8, head_size=128,
-            page_size=16, num_sms=132, min_segment_len=256, max_segments=128))
+            num_decodes=num_decodes, max_decode_query_len=1, query_blocks=1, max_seqlen_k=max_seqlen_k,
+            num_q_heads=32, num_kv_heads=8, head_size=128, page_size=16, num_sms=132, min_segment_len=256,
+            max_segments=128))
     resident = 132 * 4
     for max_seqlen_k in (1024, 32768):
         for bs in range(1, 257):
@@ -314,6 +417,32 @@ def test_policy_none_means_default_and_bad_values_raise():
     assert plan.num_segments == default_split_kv_policy(seen[0])
     with pytest.raises(TypeError, match="split_kv_policy"):
         batch.plan(split_kv_policy=lambda problem: 2.5)
+
+
+def test_verify_plan_accounts_for_query_rows_without_a_cliff():
+    """Verify batches split like decodes of the same programs: no threshold on batch size or q_len."""
+    def problem(bs, qlen, query_blocks=1):
+        return SplitKVProblem(num_decodes=bs, max_decode_query_len=qlen, query_blocks=query_blocks,
+                              max_seqlen_k=32768, num_q_heads=32, num_kv_heads=8, head_size=128, page_size=16,
+                              num_sms=132, min_segment_len=128, max_segments=128)
+    for qlen in (2, 4, 8, 16):
+        for bs in range(1, 129):
+            assert default_split_kv_policy(problem(bs, qlen)) == default_split_kv_policy(problem(bs, 1))
+    assert default_split_kv_policy(problem(4, 16, query_blocks=2)) == default_split_kv_policy(problem(8, 1))
+
+
+def test_verify_errors_name_the_parameter():
+    batch = Batch(VERIFY_LENS[:3], num_decodes=3, num_q_heads=4, num_kv_heads=2, head_size=32, page_size=16,
+                  dtype=torch.float32)
+    for bad in (0, 17, 2.0):
+        with pytest.raises(ValueError, match="max_decode_query_len"):
+            batch.plan(max_decode_query_len=bad)
+    with pytest.raises(ValueError, match="max_decode_query_len"):
+        AttentionWorkspace.allocate(4, 64, 4, 32, device=DEVICE, max_decode_query_len=17)
+    with pytest.raises(ValueError, match="max_decode_query_len=16 exceeds the workspace"):
+        batch.plan(workspace=AttentionWorkspace.allocate(4, 64, 4, 32, device=DEVICE, max_decode_query_len=4))
+    with pytest.raises(ValueError, match="causal=False"):
+        batch.run(batch.plan(), causal=False)
 
 
 @pytest.mark.parametrize("change,match", [

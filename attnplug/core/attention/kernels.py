@@ -2,19 +2,24 @@
 
 Three kernels share a few helpers:
 
-* ``_decode_split_kv_kernel`` -- grid ``(num_segments, num_kv_heads, num_decodes)``: one program
-  reads one KV segment of one decode sequence for one kv head and serves all the q heads of that
-  GQA group at once (``BLOCK_M`` rows, so every KV page is read once per kv head). It writes a
-  normalised partial output and its log2-sum-exp to the workspace, or, when the plan uses a single
-  segment, the final output directly.
-* ``_reduce_segments_kernel`` -- grid ``(num_decodes, num_q_heads)``: merges the partials.
+* ``_decode_split_kv_kernel`` -- grid ``(num_segments, num_kv_heads * QUERY_BLOCKS, num_decodes)``:
+  one program reads one KV segment of one decode-like sequence for one kv head and serves
+  ``BLOCK_Q`` of its query tokens x all the q heads of that GQA group at once (row ``r`` = query
+  ``r // QUERIES_PER_KV``, head ``r % QUERIES_PER_KV``; so every KV page is read once per kv head).
+  A decode has one query token; a speculative verify sequence ``qlen`` of them, query ``j`` at
+  position ``seq_len - qlen + j``, causal inside the draft block. It writes normalised partial
+  outputs and their log2-sum-exp to the workspace, or, when the plan uses a single segment, the
+  final output directly.
+* ``_reduce_segments_kernel`` -- grid ``(num_decodes, num_q_heads, max_decode_query_len)``: merges
+  the partials of one query token and head.
 * ``_prefill_kernel`` -- grid ``(num_q_blocks_bound, num_kv_heads)``: a tile of ``BLOCK_Q`` query
   tokens x the GQA group (row ``r`` = token ``r // QUERIES_PER_KV``, head ``r % QUERIES_PER_KV``),
   looping over the KV it may see; the sequence is found by binary search over ``query_start_loc``.
 
-Each sequence's segment layout is derived on the device from its own length
+Each sequence's segment layout is derived on the device from its own lengths
 (``_decode_segment_layout``) so that the host never reads ``seq_lens``: the host only fixes the
-maximum number of segments per sequence. Logits are kept in log2 units (``exp2``).
+maximum number of segments per sequence. CUDA-graph padding lanes (``seq_len == 0`` or no query
+tokens) exit before any load. Logits are kept in log2 units (``exp2``).
 """
 
 import triton
@@ -71,21 +76,23 @@ def _load_kv_tile(
 @triton.jit
 def _decode_segment_layout(
     seq_len,
+    query_len,
     num_segments,
     window_left,
     USE_WINDOW: tl.constexpr,
     TILE_N: tl.constexpr,
     MIN_SEGMENT_TILES: tl.constexpr,
 ):
-    """How one decode sequence's KV ``[kv_start, seq_len)`` is cut into at most ``num_segments``.
+    """How one decode-like sequence's KV ``[kv_start, seq_len)`` is cut into at most ``num_segments``.
 
-    Returns ``(kv_start, first_tile, tiles_per_segment, num_live_segments)``. Tiles are aligned to
-    absolute multiples of ``TILE_N``; a segment has at least ``MIN_SEGMENT_TILES`` tiles, so short
-    sequences use fewer segments (the programs of the others exit at once).
+    ``kv_start`` is the first position the sequence's first query may see. Returns ``(kv_start,
+    first_tile, tiles_per_segment, num_live_segments)``. Tiles are aligned to absolute multiples of
+    ``TILE_N``; a segment has at least ``MIN_SEGMENT_TILES`` tiles, so short sequences use fewer
+    segments (the programs of the others exit at once); an empty sequence has none.
     """
     kv_start = 0
     if USE_WINDOW:
-        kv_start = tl.maximum(seq_len - 1 - window_left, 0)
+        kv_start = tl.maximum(seq_len - query_len - window_left, 0)
     first_tile = kv_start // TILE_N
     num_tiles = _cdiv(seq_len, TILE_N) - first_tile
     tiles_per_segment = tl.maximum(_cdiv(num_tiles, num_segments), MIN_SEGMENT_TILES)
@@ -109,6 +116,7 @@ def _decode_split_kv_kernel(
     softcap,
     window_left,
     num_segments,  # segments per sequence in the workspace layout (slot = seq * num_segments + seg)
+    query_slots,  # query rows per workspace slot
     stride_q_token: tl.int64,
     stride_q_head: tl.int64,
     stride_out_token: tl.int64,
@@ -126,7 +134,9 @@ def _decode_split_kv_kernel(
     QUERIES_PER_KV: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # power of two >= max(16, QUERIES_PER_KV)
+    BLOCK_M: tl.constexpr,  # power of two >= max(16, BLOCK_Q * QUERIES_PER_KV)
+    BLOCK_Q: tl.constexpr,  # query tokens per program
+    QUERY_BLOCKS: tl.constexpr,  # programs per (sequence, kv head, segment)
     PAGE_SIZE: tl.constexpr,
     TILE_N: tl.constexpr,
     MIN_SEGMENT_TILES: tl.constexpr,
@@ -139,26 +149,33 @@ def _decode_split_kv_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32), else "tf32" (unused for 16-bit)
 ):
     segment = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    kv_head = tl.program_id(1) // QUERY_BLOCKS
+    query_block = tl.program_id(1) % QUERY_BLOCKS
     seq = tl.program_id(2)
 
+    first_token = tl.load(query_start_loc_ptr + seq)
+    query_len = tl.load(query_start_loc_ptr + seq + 1) - first_token
+    if query_block * BLOCK_Q >= query_len:  # also a padding lane without query tokens
+        return
     seq_len = tl.load(seq_lens_ptr + seq)
     kv_start, first_tile, tiles_per_segment, num_live_segments = _decode_segment_layout(
-        seq_len, num_segments, window_left, USE_WINDOW, TILE_N, MIN_SEGMENT_TILES
+        seq_len, query_len, num_segments, window_left, USE_WINDOW, TILE_N, MIN_SEGMENT_TILES
     )
     if segment >= num_live_segments:
         return
     tile_begin = first_tile + segment * tiles_per_segment
     tile_end = tl.minimum(tile_begin + tiles_per_segment, _cdiv(seq_len, TILE_N))
 
-    rows = tl.arange(0, BLOCK_M)  # row r serves q head kv_head * QUERIES_PER_KV + r
-    heads = kv_head * QUERIES_PER_KV + rows
-    row_valid = rows < QUERIES_PER_KV
+    rows = tl.arange(0, BLOCK_M)  # row r serves query r // QUERIES_PER_KV of the block, head r % QUERIES_PER_KV
+    query_in_seq = query_block * BLOCK_Q + rows // QUERIES_PER_KV
+    heads = kv_head * QUERIES_PER_KV + rows % QUERIES_PER_KV
+    row_valid = (rows < BLOCK_Q * QUERIES_PER_KV) & (query_in_seq < query_len)
+    query_pos = seq_len - query_len + query_in_seq  # [BLOCK_M] absolute position of each row's query
     dims = tl.arange(0, HEAD_PAD)
     dim_valid = dims < HEAD_SIZE
-    token = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+    tokens = first_token.to(tl.int64) + query_in_seq
     q = tl.load(
-        q_ptr + token * stride_q_token + heads[:, None] * stride_q_head + dims[None, :],
+        q_ptr + tokens[:, None] * stride_q_token + heads[:, None] * stride_q_head + dims[None, :],
         mask=row_valid[:, None] & dim_valid[None, :],
         other=0.0,
     )  # [BLOCK_M, HEAD_PAD]
@@ -186,21 +203,33 @@ def _decode_split_kv_kernel(
                           stride_v_head, stride_v_dim, HEAD_SIZE, HEAD_PAD, V_DIM_CONTIGUOUS)
         s = _scaled_logits(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), softmax_scale, softcap,
                            USE_SOFTCAP)  # [BLOCK_M, TILE_N]
-        s = tl.where(token_valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile holds a valid token
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m - m_new)
+        if BLOCK_Q == 1:  # one query, the sequence's last position: it sees every valid token
+            s = tl.where(token_valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile holds a valid token
+            m_safe = m_new
+        else:  # causal inside the draft block (and each query's own window)
+            visible = token_valid[None, :] & (positions[None, :] <= query_pos[:, None])
+            if USE_WINDOW:
+                visible = visible & (positions[None, :] >= query_pos[:, None] - window_left)
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row may see nothing in this tile
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m - m_safe)
         l = l * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
 
+    if BLOCK_Q > 1:
+        l = tl.where(l == 0.0, 1.0, l)  # a row that saw nothing in this segment: zero weight (lse -inf)
     acc = acc / l[:, None]
     store_mask = row_valid[:, None] & dim_valid[None, :]
     if SINGLE_SEGMENT:
-        tl.store(out_ptr + token * stride_out_token + heads[:, None] * stride_out_head + dims[None, :],
+        tl.store(out_ptr + tokens[:, None] * stride_out_token + heads[:, None] * stride_out_head + dims[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=store_mask)
     else:
-        slot_row = (seq * num_segments + segment).to(tl.int64) * NUM_Q_HEADS + heads  # [BLOCK_M]
+        slot = (seq * num_segments + segment).to(tl.int64) * query_slots + query_in_seq
+        slot_row = slot * NUM_Q_HEADS + heads  # [BLOCK_M]
         tl.store(segment_out_ptr + slot_row[:, None] * HEAD_SIZE + dims[None, :], acc, mask=store_mask)
         tl.store(segment_lse_ptr + slot_row, m + tl.log2(l), mask=row_valid)
 
@@ -215,6 +244,7 @@ def _reduce_segments_kernel(
     sinks_ptr,  # [NUM_Q_HEADS] float32 (read when USE_SINKS)
     window_left,
     num_segments,
+    query_slots,  # query rows per workspace slot
     stride_out_token: tl.int64,
     stride_out_head: tl.int64,
     NUM_Q_HEADS: tl.constexpr,
@@ -229,14 +259,23 @@ def _reduce_segments_kernel(
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
+    query = tl.program_id(2)
+    first_token = tl.load(query_start_loc_ptr + seq)
+    query_len = tl.load(query_start_loc_ptr + seq + 1) - first_token
+    if query >= query_len:
+        return
     seq_len = tl.load(seq_lens_ptr + seq)
     _, _, _, num_live_segments = _decode_segment_layout(
-        seq_len, num_segments, window_left, USE_WINDOW, TILE_N, MIN_SEGMENT_TILES
+        seq_len, query_len, num_segments, window_left, USE_WINDOW, TILE_N, MIN_SEGMENT_TILES
     )
-    first_slot = (seq * num_segments).to(tl.int64)
+    if num_live_segments == 0:  # a padding lane
+        return
+    # the slot rows of (seq, segment s, query) are first_row + s * segment_stride
+    first_row = ((seq * num_segments).to(tl.int64) * query_slots + query) * NUM_Q_HEADS + head
+    segment_stride = query_slots * NUM_Q_HEADS
 
     segments = tl.arange(0, SEGMENTS_PAD)
-    lse = tl.load(segment_lse_ptr + (first_slot + segments) * NUM_Q_HEADS + head,
+    lse = tl.load(segment_lse_ptr + first_row + segments * segment_stride,
                   mask=segments < num_live_segments, other=float("-inf"))
     lse_max = tl.max(lse, axis=0)
     if USE_SINKS:
@@ -252,13 +291,13 @@ def _reduce_segments_kernel(
     block = tl.arange(0, SEGMENT_BLOCK)
     for block_start in range(0, num_live_segments, SEGMENT_BLOCK):
         segment_valid = block_start + block < num_live_segments
-        slot_row = (first_slot + block_start + block) * NUM_Q_HEADS + head  # [SEGMENT_BLOCK]
+        slot_row = first_row + (block_start + block) * segment_stride  # [SEGMENT_BLOCK]
         weight = tl.exp2(tl.load(segment_lse_ptr + slot_row, mask=segment_valid, other=float("-inf")) - lse_max)
         partial = tl.load(segment_out_ptr + slot_row[:, None] * HEAD_SIZE + dims[None, :],
                           mask=segment_valid[:, None] & dim_valid[None, :], other=0.0)
         acc += tl.sum(partial * weight[:, None], axis=0)
 
-    token = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+    token = first_token.to(tl.int64) + query
     tl.store(out_ptr + token * stride_out_token + head * stride_out_head + dims,
              (acc / denominator).to(out_ptr.dtype.element_ty), mask=dim_valid)
 

@@ -73,9 +73,11 @@ def paged_attention(
     Sequence ``i``'s queries ``q[qsl[i]:qsl[i + 1]]`` are the last ``qlen_i`` tokens of its KV
     sequence of length ``seq_lens[i]``; query ``j`` sits at ``p = seq_lens[i] - qlen_i + j`` and
     sees KV positions ``k`` with ``k <= p`` (if causal), ``k >= p - window_size[0]`` (if >= 0) and
-    ``k <= p + window_size[1]`` (if >= 0). Decode sequences run through the split-KV kernel and its
-    reduction, prefill sequences through the 2D kernel. No host synchronisation; with a workspace
-    in the plan, no allocation either (CUDA-graph capturable).
+    ``k <= p + window_size[1]`` (if >= 0). Decode-like sequences (decodes and speculative verify
+    sequences, causal inside the draft block) run through the split-KV kernel and its reduction,
+    prefill sequences through the 2D kernel. No host synchronisation; with a workspace in the plan,
+    no allocation either (CUDA-graph capturable). CUDA-graph padding lanes (sequences with
+    ``seq_len == 0`` past the real batch) read and write nothing.
 
     Parameters
     ----------
@@ -93,6 +95,8 @@ def paged_attention(
     softmax_scale : float
         Multiplies ``q . k``.
     causal : bool
+        Prefill sequences only: decode-like sequences are always causal (a verify query never sees
+        the draft tokens after it).
     window_size : (int, int)
         ``(left, right)`` sliding window; -1 means unbounded.
     softcap : float
@@ -106,6 +110,9 @@ def paged_attention(
         ``out``.
     """
     _check_inputs(q, k_cache, v_cache, block_table, plan, out, sinks)
+    if not causal and plan.num_decodes and plan.max_decode_query_len > 1:
+        raise ValueError("causal=False is not supported for decode-like sequences of several query tokens "
+                         "(plan them as prefills: num_decodes=0)")
     if plan.num_seqs == 0:
         return out
     window_left, window_right = window_size
@@ -121,15 +128,17 @@ def paged_attention(
     # constexprs go positionally, the plan's first (their dict order is the kernel's): a cheaper launch key
 
     if plan.num_decodes:
+        split = plan.num_segments > 1
+        query_slots = plan.segment_lse.shape[1] if split else 1
         _launch_decode(
-            plan.decode_grid, out, plan.segment_out, plan.segment_lse, *common, plan.num_segments, *strides,
-            *plan.decode_constexprs.values(), use_softcap, use_sinks, use_window, k_dim_contiguous,
+            plan.decode_grid, out, plan.segment_out, plan.segment_lse, *common, plan.num_segments, query_slots,
+            *strides, *plan.decode_constexprs.values(), use_softcap, use_sinks, use_window, k_dim_contiguous,
             v_dim_contiguous, dot_precision, **plan.decode_options,
         )
-        if plan.num_segments > 1:
+        if split:
             _launch_reduce(
                 plan.reduce_grid, out, plan.segment_out, plan.segment_lse, plan.seq_lens, plan.query_start_loc, sinks,
-                max(window_left, 0), plan.num_segments, out_strides[0], out_strides[1],
+                max(window_left, 0), plan.num_segments, query_slots, out_strides[0], out_strides[1],
                 *plan.reduce_constexprs.values(), use_sinks, use_window, **plan.reduce_options,
             )
 
