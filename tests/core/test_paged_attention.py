@@ -571,3 +571,80 @@ def test_gpu_cuda_graph_replay_equals_eager():
         expected = reference_attention(q, batch.k_cache, batch.v_cache, batch.block_table, batch.query_start_loc,
                                        batch.seq_lens, softmax_scale=0.088, softcap=20.0, sinks=sinks)
         assert_close_verbose(replayed, expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_size,page_size,layout", [
+    (32, 8, 128, 16, "vllm"),   # Llama-3-8B
+    (28, 4, 128, 1, "sglang"),  # GQA 7, token pool
+    (64, 4, 128, 16, "vllm"),   # GQA 16: a 16-token draft block spans 4 query blocks
+    (12, 4, 80, 16, "contiguous"),
+])
+def test_gpu_verify_batches(dtype, num_q_heads, num_kv_heads, head_size, page_size, layout):
+    lengths = [(4, 4097), (1, 1), (16, 8000), (8, 1000), (2, 17), (5, 300), (1, 6000), (300, 3000), (77, 77)]
+    batch = Batch(lengths, num_decodes=7, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size,
+                  page_size=page_size, dtype=dtype, layout=layout, seed=51)
+    check(batch, dtype)  # default split policy
+    check(batch, dtype, window_size=(700, -1), softcap=30.0,
+          sinks=torch.randn(num_q_heads, generator=batch.generator).to(DEVICE))
+    check(batch, dtype, plan_kwargs=dict(split_kv_policy=split(1)), window_size=(3, -1))
+
+
+def _capture(step):
+    step()  # compile outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("padded", [False, True])
+def test_gpu_verify_cuda_graph_replay_equals_eager(padded):
+    """A uniform verify batch (4 tokens each) captured once, replayed with new lengths; padded: the
+    last 3 lanes are CUDA-graph padding (seq_len 0, token rows past the real tokens, garbage pages)."""
+    bs, qlen, num_pad = 8, 4, 3 if padded else 0
+    lengths = [(qlen, 8000)] * bs
+    batch = Batch(lengths, num_decodes=bs, num_q_heads=32, num_kv_heads=8, head_size=128, page_size=16,
+                  dtype=torch.bfloat16, layout="vllm", seed=61)
+    workspace = AttentionWorkspace.allocate(16, 512, 32, 128, device=DEVICE, max_decode_query_len=qlen)
+    plan = plan_attention(batch.query_start_loc, batch.seq_lens, num_decodes=bs, num_q_heads=32, num_kv_heads=8,
+                          head_size=128, page_size=16, max_seqlen_q=qlen, max_seqlen_k=8000,
+                          max_decode_query_len=qlen, workspace=workspace)
+    assert plan.num_segments > 1
+    q = batch.q.clone()
+    out = torch.full_like(q, float("nan"))
+    sinks = torch.randn(32, device=DEVICE)
+
+    def step():
+        paged_attention(q, batch.k_cache, batch.v_cache, batch.block_table, plan, out, softmax_scale=0.088,
+                        softcap=20.0, sinks=sinks)
+
+    graph = _capture(step)
+    real = bs - num_pad
+    if padded:
+        batch.block_table[real:] = 10**6
+    for new_lens in ([4000, 8000, 5, 900, 64, 7000, 4, 3333], [17, 4000, 6000, 600, 64, 8000, 8000, 129]):
+        lens = torch.tensor(new_lens, dtype=torch.int32)
+        lens[real:] = 0
+        batch.seq_lens.copy_(lens)
+        q.copy_(torch.randn_like(q))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed = out.clone()
+        out.fill_(float("nan"))
+        step()
+        tokens = real * qlen
+        assert torch.equal(replayed[:tokens], out[:tokens]), "graph replay differs from eager"
+        expected = reference_attention(q[:tokens], batch.k_cache, batch.v_cache, batch.block_table[:real],
+                                       batch.query_start_loc[:real + 1], batch.seq_lens[:real], softmax_scale=0.088,
+                                       softcap=20.0, sinks=sinks)
+        assert_close_verbose(replayed[:tokens], expected, atol=2e-2, rtol=2e-2)
+        assert torch.isnan(replayed[tokens:]).all(), "a padding lane wrote an output row"

@@ -154,9 +154,12 @@ def _decode_split_kv_kernel(
     seq = tl.program_id(2)
 
     first_token = tl.load(query_start_loc_ptr + seq)
-    query_len = tl.load(query_start_loc_ptr + seq + 1) - first_token
-    if query_block * BLOCK_Q >= query_len:  # also a padding lane without query tokens
-        return
+    if BLOCK_Q == 1:  # plain decodes: one query token each (a padding lane has seq_len 0: no segment)
+        query_len = 1
+    else:
+        query_len = tl.load(query_start_loc_ptr + seq + 1) - first_token
+        if query_block * BLOCK_Q >= query_len:  # also a padding lane without query tokens
+            return
     seq_len = tl.load(seq_lens_ptr + seq)
     kv_start, first_tile, tiles_per_segment, num_live_segments = _decode_segment_layout(
         seq_len, query_len, num_segments, window_left, USE_WINDOW, TILE_N, MIN_SEGMENT_TILES
@@ -166,16 +169,23 @@ def _decode_split_kv_kernel(
     tile_begin = first_tile + segment * tiles_per_segment
     tile_end = tl.minimum(tile_begin + tiles_per_segment, _cdiv(seq_len, TILE_N))
 
-    rows = tl.arange(0, BLOCK_M)  # row r serves query r // QUERIES_PER_KV of the block, head r % QUERIES_PER_KV
-    query_in_seq = query_block * BLOCK_Q + rows // QUERIES_PER_KV
-    heads = kv_head * QUERIES_PER_KV + rows % QUERIES_PER_KV
-    row_valid = (rows < BLOCK_Q * QUERIES_PER_KV) & (query_in_seq < query_len)
-    query_pos = seq_len - query_len + query_in_seq  # [BLOCK_M] absolute position of each row's query
+    # Row r serves query r // QUERIES_PER_KV of the block and q head r % QUERIES_PER_KV of the group.
+    # The one-query kernel keeps its token a scalar: fewer live registers over the KV loop.
+    rows = tl.arange(0, BLOCK_M)
+    if BLOCK_Q == 1:
+        heads = kv_head * QUERIES_PER_KV + rows
+        row_valid = rows < QUERIES_PER_KV
+        tokens = first_token.to(tl.int64)
+    else:
+        query_in_seq = query_block * BLOCK_Q + rows // QUERIES_PER_KV
+        heads = kv_head * QUERIES_PER_KV + rows % QUERIES_PER_KV
+        row_valid = (rows < BLOCK_Q * QUERIES_PER_KV) & (query_in_seq < query_len)
+        query_pos = seq_len - query_len + query_in_seq  # [BLOCK_M] absolute position of each row's query
+        tokens = first_token.to(tl.int64) + query_in_seq  # [BLOCK_M]
     dims = tl.arange(0, HEAD_PAD)
     dim_valid = dims < HEAD_SIZE
-    tokens = first_token.to(tl.int64) + query_in_seq
     q = tl.load(
-        q_ptr + tokens[:, None] * stride_q_token + heads[:, None] * stride_q_head + dims[None, :],
+        q_ptr + (tokens * stride_q_token + heads * stride_q_head)[:, None] + dims[None, :],
         mask=row_valid[:, None] & dim_valid[None, :],
         other=0.0,
     )  # [BLOCK_M, HEAD_PAD]
@@ -225,10 +235,12 @@ def _decode_split_kv_kernel(
     acc = acc / l[:, None]
     store_mask = row_valid[:, None] & dim_valid[None, :]
     if SINGLE_SEGMENT:
-        tl.store(out_ptr + tokens[:, None] * stride_out_token + heads[:, None] * stride_out_head + dims[None, :],
+        tl.store(out_ptr + (tokens * stride_out_token + heads * stride_out_head)[:, None] + dims[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=store_mask)
     else:
-        slot = (seq * num_segments + segment).to(tl.int64) * query_slots + query_in_seq
+        slot = (seq * num_segments + segment).to(tl.int64) * query_slots
+        if BLOCK_Q > 1:
+            slot += query_in_seq
         slot_row = slot * NUM_Q_HEADS + heads  # [BLOCK_M]
         tl.store(segment_out_ptr + slot_row[:, None] * HEAD_SIZE + dims[None, :], acc, mask=store_mask)
         tl.store(segment_lse_ptr + slot_row, m + tl.log2(l), mask=row_valid)

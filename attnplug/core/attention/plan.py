@@ -40,6 +40,12 @@ MAX_SEGMENTS_PER_SEQ = 128
 # most (query token, q head) rows one decode program serves before the queries are cut into blocks.
 MAX_DECODE_QUERY_LEN = 16
 DECODE_MAX_ROWS = 64
+# Their kernel (causal mask inside the draft block) needs more registers: with 3 stages it fell to
+# 3 programs per SM (164 registers) and ran 1.33x slower than a decode; 2 stages (114 registers),
+# and for tiles of more than 16 rows a cap of 128 registers, keep 4 programs per SM (measured on
+# the H200: benchmarks/results/verify_kernel_options.csv).
+VERIFY_NUM_STAGES = 2
+VERIFY_MAX_REGISTERS = 128
 # Reduction: partial outputs merged per step.
 SEGMENT_BLOCK = 16
 # Prefill (2D) kernel tile rules.
@@ -384,6 +390,11 @@ def plan_attention(
         NUM_Q_HEADS=num_q_heads, HEAD_SIZE=head_size, HEAD_PAD=head_pad, SEGMENTS_PAD=segments_pad,
         SEGMENT_BLOCK=min(SEGMENT_BLOCK, segments_pad), TILE_N=DECODE_TILE_N, MIN_SEGMENT_TILES=MIN_SEGMENT_TILES,
     )
+    decode_options = dict(num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES)
+    if block_q > 1:
+        decode_options["num_stages"] = VERIFY_NUM_STAGES
+        if decode_constexprs["BLOCK_M"] > 16 and seq_lens.device.type == "cuda" and torch.version.hip is None:
+            decode_options["maxnreg"] = VERIFY_MAX_REGISTERS
     prefill_block_m = max(PREFILL_BLOCK_M, triton.next_power_of_2(queries_per_kv))
     prefill_constexprs = dict(
         QUERIES_PER_KV=queries_per_kv, HEAD_SIZE=head_size, HEAD_PAD=head_pad, BLOCK_M=prefill_block_m,
@@ -399,7 +410,7 @@ def plan_attention(
         reduce_grid=(num_decodes, num_q_heads, decode_query_len),
         decode_constexprs=decode_constexprs, reduce_constexprs=reduce_constexprs,
         prefill_constexprs=prefill_constexprs,
-        decode_options=dict(num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES),
+        decode_options=decode_options,
         reduce_options=dict(num_warps=4),
         prefill_options=dict(num_warps=PREFILL_NUM_WARPS, num_stages=PREFILL_NUM_STAGES),
     )
