@@ -23,6 +23,7 @@ REPORT_DIR_ENV = "ATTNPLUG_REPORT_DIR"
 FLUSH_SECONDS = 2.0
 
 op_calls: Counter[str] = Counter()  # op name -> calls in this process
+split_kv: Counter[str] = Counter()  # "sequences" / "tokens": decode-like rows planned into the split-KV kernel
 _patches: dict[str, dict[str, str]] = {}  # patch id -> {"status", "reason"}
 _engines: dict[str, str | None] = {}  # engine name -> version
 _writer: threading.Thread | None = None
@@ -37,6 +38,12 @@ def record_engine(engine: str, version: str | None) -> None:
 def record_patches(report: ApplyReport) -> None:
     for result in report.results:
         _patches[result.patch_id] = {"status": result.status, "reason": result.reason}
+
+
+def count_split_kv(num_sequences: int, num_tokens: int) -> None:
+    """One planned batch's decode-like sequences and their query tokens (more tokens: verify rows)."""
+    split_kv["sequences"] += num_sequences
+    split_kv["tokens"] += num_tokens
 
 
 def _cmdline() -> list[str]:
@@ -55,6 +62,7 @@ def snapshot() -> dict:
         "engines": dict(_engines),
         "patches": dict(_patches),
         "op_calls": dict(op_calls),
+        "split_kv": dict(split_kv),
         "written_at": time.time(),
     }
 
@@ -109,6 +117,7 @@ def _after_fork_in_child() -> None:
     global _writer
     _writer = None
     op_calls.clear()
+    split_kv.clear()
     if report_path() is not None:
         start()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from integration import harness
-from integration.vllm_server import SHIM_PLUGIN, TRITON_BACKEND, VllmConfig, serve
+from integration.vllm_server import MODEL_DIR_ARG, SHIM_PLUGIN, TRITON_BACKEND, VllmConfig, serve
 from integration.workload import CONCURRENT_PROMPTS, MAX_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.live
@@ -47,10 +47,23 @@ NOT_ALLOWED = VllmConfig.make(  # attnplug installed but left out of the plugin 
     "not-in-vllm-plugins", env={"VLLM_PLUGINS": SHIM_PLUGIN, "ATTNPLUG_PATCHES": "all"}, report=True,
 )
 BOGUS = VllmConfig.make("bogus-patch", env={"VLLM_PLUGINS": WITH_ATTNPLUG, "ATTNPLUG_PATCHES": "bogus"})
+# Speculative decoding with the tiny model as its own draft: every draft token is accepted, so every
+# step after the prefill is a verify batch of 1 + 3 query tokens per request.
+NUM_SPECULATIVE_TOKENS = 3
+SPEC_ARGS = ("--speculative-config", '{"method": "draft_model", "model": "%s", "num_speculative_tokens": %d}'
+             % (MODEL_DIR_ARG, NUM_SPECULATIVE_TOKENS))
+ATTNPLUG_BACKEND_SPEC = VllmConfig.make(
+    "attnplug-backend-spec", env=dict(ATTNPLUG_BACKEND.env), args=(*ATTNPLUG_BACKEND.args, *SPEC_ARGS),
+    cpu_attn_class=ATTNPLUG_BACKEND.cpu_attn_class, report=True,
+)
+PATCHED_TRITON_SPEC = VllmConfig.make(
+    "patched-triton-spec", env=dict(PATCHED_TRITON.env), args=SPEC_ARGS, cpu_attn_class=TRITON_BACKEND, report=True,
+)
 
-SAME_TOKENS_AS_STOCK = [VLLM_TRITON, ATTNPLUG_BACKEND, PATCHED_TRITON, DISABLED, NOT_ALLOWED]
-CONCURRENCY_CONFIGS = {STOCK, ATTNPLUG_BACKEND}
-RUNS_ATTNPLUG = [ATTNPLUG_BACKEND, PATCHED_TRITON]
+SPEC_CONFIGS = [ATTNPLUG_BACKEND_SPEC, PATCHED_TRITON_SPEC]
+SAME_TOKENS_AS_STOCK = [VLLM_TRITON, ATTNPLUG_BACKEND, PATCHED_TRITON, DISABLED, NOT_ALLOWED, *SPEC_CONFIGS]
+CONCURRENCY_CONFIGS = {STOCK, ATTNPLUG_BACKEND, *SPEC_CONFIGS}
+RUNS_ATTNPLUG = [ATTNPLUG_BACKEND, PATCHED_TRITON, *SPEC_CONFIGS]
 NUM_LAYERS = 2  # integration/tiny_model.py
 
 
@@ -123,6 +136,28 @@ def test_attnplug_kernels_ran_in_the_worker_and_planned_once_per_batch(server: h
     if server.config is PATCHED_TRITON:
         assert worker["patches"] == {"vllm.triton_attn.split_launch": {"status": "applied", "reason": ""}}
     assert "falls back to vLLM's Triton kernel" not in server.log, "a call fell back to the stock kernel"
+
+
+@pytest.mark.parametrize("server", SPEC_CONFIGS, indirect=True, ids=label)
+def test_speculative_concurrent_requests_equal_stock(server: harness.ServerRun,
+                                                     live_servers: harness.LiveServers) -> None:
+    """16 concurrent requests with speculative decoding give the stock server's tokens (no speculation)."""
+    stock = live_servers.run(STOCK)
+    assert [g.key for g in server.concurrent] == [g.key for g in stock.concurrent], (
+        f"{server.config.label}:\n{harness.describe(server.concurrent, CONCURRENT_PROMPTS)}\n"
+        f"stock:\n{harness.describe(stock.concurrent, CONCURRENT_PROMPTS)}"
+    )
+
+
+@pytest.mark.parametrize("server", SPEC_CONFIGS, indirect=True, ids=label)
+def test_speculative_verify_rows_ran_through_the_split_kv_kernel(server: harness.ServerRun) -> None:
+    """The worker planned verify requests (1 + k query tokens each) into the split-KV kernel."""
+    worker = next(r for r in server.reports if r["op_calls"])
+    split_kv = worker["split_kv"]
+    # more query tokens than sequences in the split-KV kernel: verify rows (a decode has one token)
+    assert split_kv.get("tokens", 0) > split_kv.get("sequences", 0) > 0, split_kv
+    acceptance = [float(x) for x in re.findall(r"SpecDecoding metrics: Mean acceptance length: ([\d.]+)", server.log)]
+    assert acceptance and max(acceptance) > 1.0, "the server ran no speculative verify step"
 
 
 @pytest.mark.parametrize("server", [DISABLED, NOT_ALLOWED], indirect=True, ids=label)

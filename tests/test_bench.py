@@ -28,3 +28,23 @@ def test_speedups_pair_each_configuration_with_its_stock_row():
         dict(bs="32", page_size="1", provider="attnplug", eager_us="30", graph_us="3", device="H100"),  # no stock row
     ]
     assert speedups(rows) == {"eager_us": [4.0, 3.0], "graph_us": [10.0, 10.0]}
+
+
+def test_verify_attention_benchmark_smoke_run(tmp_path):
+    """bench_verify_attention.py on tiny shapes under the interpreter: every section runs and its CSV reads back."""
+    import csv
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import bench_verify_attention
+
+    bench_verify_attention.main(["--smoke", "--out", str(tmp_path)])
+    with open(tmp_path / "verify_attention.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["section"] for r in rows} == {"grid", "ragged", "mixed"}
+    ours = [r for r in rows if r["impl"] == "attnplug"]
+    assert len(ours) == 4 and all(float(r["eager_us"]) > 0 for r in ours)
+    verify = [r for r in ours if r["section"] in ("grid", "ragged") and int(r["q_len"]) > 1]
+    assert verify and all(float(r["x_vs_own_decode"]) > 0 for r in verify)
+    for row in rows:  # every provider that ran the same batch as attnplug agrees with it
+        if row["max_abs_diff"]:
+            assert float(row["max_abs_diff"]) < 1e-4, row

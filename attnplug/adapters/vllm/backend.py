@@ -24,6 +24,7 @@ from vllm.v1.attention.backends.triton_attn import (
 from attnplug import ops
 from attnplug.adapters.vllm.planning import (
     REORDER_BATCH_THRESHOLD,
+    init_spec_as_decode,
     log_fallback_once,
     planner_of,
     unsupported_batch,
@@ -35,17 +36,22 @@ from attnplug.adapters.vllm.registration import BACKEND_NAME
 class AttnplugMetadataBuilder(TritonAttentionMetadataBuilder):
     """TRITON_ATTN's metadata plus attnplug's per-batch plan (``metadata.attnplug_plan``).
 
+    Speculative decoding: verify requests (``1 + num_speculative_tokens`` query tokens) are decodes
+    (vLLM's spec-as-decode), planned into the split-KV kernel with decodes.
+
     CUDA graphs: plan and kernels are capturable (the plan's workspace is owned here), and the
-    decode kernels derive each sequence's split from its device-side length, so a graph captured
-    for a decode batch size replays correctly for any lengths. Mixed batches are left to piecewise
+    decode kernels derive each sequence's split from its device-side lengths, so a graph captured
+    for a uniform batch (decodes, or verify requests of ``1 + k`` tokens each) replays correctly for
+    any lengths, padding lanes included (``UNIFORM_BATCH``). Mixed batches are left to piecewise
     graphs, where attention runs eagerly.
     """
 
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
     reorder_batch_threshold: int = REORDER_BATCH_THRESHOLD
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        init_spec_as_decode(self)
         planner_of(self)  # the workspace is allocated here, once
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):

@@ -2,8 +2,13 @@
 
 vLLM's metadata builders run once per batch (per KV-cache group); the attention layers then run
 with the metadata they built. Here the builder also makes attnplug's ``AttentionPlan`` into a
-workspace it owns, so the per-layer call does no planning and allocates nothing. vLLM must put
-decode requests first in the batch (``reorder_batch_threshold = 1``) for the decode/prefill split.
+workspace it owns, so the per-layer call does no planning and allocates nothing.
+
+Speculative decoding: the builder opts into vLLM's spec-as-decode (``_init_reorder_batch_threshold(1,
+supports_spec_as_decode=True)``), so vLLM puts every request of at most ``1 + num_speculative_tokens``
+query tokens (decodes, verify requests, short extends) first in the batch, and the plan runs them all
+through the split-KV kernel. CUDA-graph padding lanes (query length 0, ``seq_len`` 0) are decode-like
+lanes that the kernels skip.
 """
 
 from __future__ import annotations
@@ -12,37 +17,58 @@ import weakref
 
 import torch
 
-from attnplug import ops
+from attnplug import ops, report
 from attnplug._log import log_once
 
-REORDER_BATCH_THRESHOLD = 1  # decode requests (one query token) first, then the rest
+REORDER_BATCH_THRESHOLD = 1  # without speculative decoding: decode requests (one query token) first
+
+
+def init_spec_as_decode(builder) -> None:
+    """Sets ``builder.reorder_batch_threshold`` through vLLM's own spec-as-decode mechanism.
+
+    ``1 + num_speculative_tokens`` with speculative decoding, else 1; verify requests longer than
+    attnplug's split-KV kernel takes stay prefills (threshold 1), with one log line.
+    """
+    from attnplug.core.attention.plan import MAX_DECODE_QUERY_LEN
+
+    builder._init_reorder_batch_threshold(REORDER_BATCH_THRESHOLD, supports_spec_as_decode=True)
+    if builder.reorder_batch_threshold is not None and builder.reorder_batch_threshold > MAX_DECODE_QUERY_LEN:
+        log_once(f"speculative verify requests of {builder.reorder_batch_threshold} query tokens exceed attnplug's "
+                 f"split-KV limit of {MAX_DECODE_QUERY_LEN}: they run through its prefill kernel")
+        builder.reorder_batch_threshold = REORDER_BATCH_THRESHOLD
 
 
 class VllmPlanner:
     """What one metadata builder needs to plan every batch: head layout, page size, workspace."""
 
-    def __init__(self, vllm_config, num_q_heads: int, num_kv_heads: int, head_size: int, page_size: int, device):
+    def __init__(self, vllm_config, num_q_heads: int, num_kv_heads: int, head_size: int, page_size: int, device,
+                 decode_threshold: int):
         from attnplug.core import AttentionWorkspace
 
         scheduler = vllm_config.scheduler_config
         self.num_q_heads, self.num_kv_heads = num_q_heads, num_kv_heads
         self.head_size, self.page_size = head_size, page_size
+        self.decode_threshold = decode_threshold
         self.workspace = AttentionWorkspace.allocate(
             scheduler.max_num_seqs,
             scheduler.max_num_batched_tokens,
             num_q_heads,
             head_size,
             device=torch.device(device),
+            max_decode_query_len=decode_threshold,
         )
         self._plan_attention = ops.resolve("plan_attention")
 
     def plan(self, common_attn_metadata):
-        """The ``AttentionPlan`` of one batch (decode requests first), from host-side facts only."""
+        """The ``AttentionPlan`` of one batch (decode-like requests first), from host-side facts only."""
         from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
-        num_decodes, _, _, _ = split_decodes_and_prefills(
-            common_attn_metadata, decode_threshold=REORDER_BATCH_THRESHOLD
+        num_decodes, num_prefills, _, _ = split_decodes_and_prefills(
+            common_attn_metadata, decode_threshold=self.decode_threshold
         )
+        max_query_len = max(common_attn_metadata.max_query_len, 1)
+        # real query tokens of the decode-like requests (vLLM's own count includes graph padding rows)
+        report.count_split_kv(num_decodes, int(common_attn_metadata.query_start_loc_cpu[num_decodes]))
         return self._plan_attention(
             common_attn_metadata.query_start_loc,
             common_attn_metadata.seq_lens,
@@ -51,8 +77,9 @@ class VllmPlanner:
             num_kv_heads=self.num_kv_heads,
             head_size=self.head_size,
             page_size=self.page_size,
-            max_seqlen_q=max(common_attn_metadata.max_query_len, 1),
+            max_seqlen_q=max_query_len,
             max_seqlen_k=max(common_attn_metadata.max_seq_len, 1),
+            max_decode_query_len=min(max_query_len, self.decode_threshold) if num_prefills == 0 else self.decode_threshold,
             workspace=self.workspace,
         )
 
@@ -68,6 +95,7 @@ def planner_of(builder) -> VllmPlanner:
             builder.headdim,
             builder.block_size,
             builder.device,
+            decode_threshold=builder.reorder_batch_threshold or REORDER_BATCH_THRESHOLD,
         )
     return planner
 

@@ -1,7 +1,7 @@
 """Replacements for the patch ``vllm.triton_attn.split_launch`` (vLLM's own TRITON_ATTN backend).
 
-- ``TritonAttentionMetadataBuilder.__init__``: also puts decodes first in the batch and owns a
-  planner with its workspace.
+- ``TritonAttentionMetadataBuilder.__init__``: also puts decodes (and, with speculative decoding,
+  verify requests: vLLM's spec-as-decode) first in the batch and owns a planner with its workspace.
 - ``TritonAttentionMetadataBuilder.build``: also plans the batch once (``AttentionPlan``).
 - ``unified_attention`` (both bindings): runs the planned batch through attnplug's split launch
   (decode: 3D split-KV kernel + reduction; prefill: 2D kernel) and hands every call it does not
@@ -14,8 +14,8 @@ import functools
 
 from attnplug import ops
 from attnplug.adapters.vllm.planning import (
-    REORDER_BATCH_THRESHOLD,
     PlanStash,
+    init_spec_as_decode,
     log_fallback_once,
     planner_of,
     unsupported_batch,
@@ -30,7 +30,7 @@ def planning_builder_init(original):
     @functools.wraps(original)
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         original(self, kv_cache_spec, layer_names, vllm_config, device)
-        self.reorder_batch_threshold = REORDER_BATCH_THRESHOLD
+        init_spec_as_decode(self)
         planner_of(self)
 
     return __init__
