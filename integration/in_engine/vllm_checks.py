@@ -249,3 +249,24 @@ def test_a_verify_plan_stays_valid_when_draft_steps_grow_seq_lens_in_place(confi
             stock = torch.full_like(batch.q, float("nan"))
             triton_attn.unified_attention.__wrapped__(**batch.unified_attention_kwargs(attn_metadata, stock))
             torch.testing.assert_close(ours, stock, atol=2e-5, rtol=2e-5)
+
+
+def test_patched_triton_hands_a_mixed_batch_in_a_full_graph_capture_back(configs, monkeypatch):
+    """TRITON_ATTN declares ALWAYS, so cudagraph_mode=FULL captures mixed batches: a mixed plan's split
+    is fixed at capture, so that call goes to vLLM's kernel; a uniform verify batch stays ours."""
+    import vllm.v1.attention.backends.triton_attn as triton_attn
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionMetadataBuilder
+
+    from attnplug.adapters.vllm import triton_attn as replacements
+
+    monkeypatch.setattr(replacements, "capturing", lambda q: True)  # as under torch.cuda.graph
+    with attnplug.patched("vllm", split_launch=True):
+        builder = make_builder(TritonAttentionMetadataBuilder, configs["spec"])
+        for query_lens, seq_lens, ours_expected in (([4, 2, 40], [100, 7, 90], False), ([4, 4], [100, 33], True)):
+            batch = VerifyBatch(query_lens, seq_lens, seed=4)
+            attn_metadata = builder.build(0, batch.metadata)
+            calls = report.op_calls["paged_attention"]
+            out = torch.full_like(batch.q, float("nan"))
+            triton_attn.unified_attention(**batch.unified_attention_kwargs(attn_metadata, out))
+            assert (report.op_calls["paged_attention"] > calls) == ours_expected, query_lens
+            assert not torch.isnan(out).any()

@@ -4,13 +4,16 @@
   verify requests: vLLM's spec-as-decode) first in the batch and owns a planner with its workspace.
 - ``TritonAttentionMetadataBuilder.build``: also plans the batch once (``AttentionPlan``).
 - ``unified_attention`` (both bindings): runs the planned batch through attnplug's split launch
-  (decode: 3D split-KV kernel + reduction; prefill: 2D kernel) and hands every call it does not
-  cover, or that has no plan, to vLLM's original kernel.
+  (decode and verify rows: 3D split-KV kernel + reduction; prefill: 2D kernel) and hands every
+  call it does not cover, or that has no plan, to vLLM's original kernel (also a mixed batch
+  captured in a FULL CUDA graph, which TRITON_ATTN's ``ALWAYS`` support allows).
 """
 
 from __future__ import annotations
 
 import functools
+
+import torch
 
 from attnplug import ops
 from attnplug.adapters.vllm.planning import (
@@ -47,9 +50,18 @@ def planning_builder_build(original):
     return build
 
 
+def capturing(q) -> bool:
+    """Whether this call is being captured into a CUDA graph (host check, no sync)."""
+    return q.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _why_not(plan, kwargs) -> str | None:
     if plan is None:
         return "a call without an attnplug plan for its batch"
+    if plan.num_prefills and capturing(kwargs["q"]):
+        # TRITON_ATTN declares ALWAYS: under cudagraph_mode=FULL vLLM captures mixed batches too, and a
+        # mixed plan's decode/prefill split is fixed at capture; uniform batches replay for any lengths
+        return "a mixed prefill/decode batch captured in a FULL CUDA graph"
     return (
         unsupported_layer(
             alibi_slopes=kwargs.get("alibi_slopes"),
