@@ -26,9 +26,10 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_paged_attention as pa  # noqa: E402  (pool, stock wrapper, timing)
+import bench_paged_attention as pa  # noqa: E402  (pool, stock wrapper)
 
 from attnplug.core import AttentionWorkspace, fused_decode_metadata, paged_attention, plan_attention  # noqa: E402
+from benchmarks.common import back_to_back_us, cudagraph_us  # noqa: E402
 
 NUM_LAYERS = 32
 BATCHES = [1, 4, 16, 64, 128]
@@ -135,8 +136,8 @@ def main():
                 run()
                 torch.cuda.synchronize()
                 reference = step.out.float().clone()
-                graph = pa.graph_us(run, rep=200)
-                eager = pa.eager_us(run, graph)
+                graph = cudagraph_us(run, rep=200)
+                eager = back_to_back_us(run, graph)
                 results[name] = (eager, graph, reference)
             diff = (results["stock"][2] - results["attnplug"][2]).abs().max().item()
             for name, (eager, graph, _) in results.items():
