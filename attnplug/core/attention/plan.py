@@ -65,11 +65,6 @@ class SplitKVProblem:
     ----------
     num_decodes : int
         Decode-like sequences in the batch (decodes and verify sequences).
-    max_decode_query_len : int
-        Most query tokens of a decode-like sequence (1: plain decodes only).
-    query_blocks : int
-        Programs per (sequence, kv head, segment): the query rows of one GQA group split into this
-        many tiles (1 unless ``max_decode_query_len x`` the group exceeds one tile).
     max_seqlen_k : int
         Longest KV length in the batch (an upper bound is fine).
     num_q_heads, num_kv_heads, head_size, page_size : int
@@ -81,11 +76,14 @@ class SplitKVProblem:
         most ``ceil(n / min_segment_len)`` segments, whatever the policy says).
     max_segments : int
         The most segments per sequence the plan can honour (kernel limit and workspace capacity).
+    max_decode_query_len : int
+        Most query tokens of a decode-like sequence (1: plain decodes only).
+    query_blocks : int
+        Programs per (sequence, kv head, segment): the query rows of one GQA group split into this
+        many tiles (1 unless ``max_decode_query_len x`` the group exceeds one tile).
     """
 
     num_decodes: int
-    max_decode_query_len: int
-    query_blocks: int
     max_seqlen_k: int
     num_q_heads: int
     num_kv_heads: int
@@ -94,6 +92,8 @@ class SplitKVProblem:
     num_sms: int
     min_segment_len: int
     max_segments: int
+    max_decode_query_len: int = 1
+    query_blocks: int = 1
 
 
 SplitKVPolicy = Callable[[SplitKVProblem], Optional[int]]
