@@ -5,6 +5,7 @@ PR 20778 fused it (about ten small kernels, ~125-140 us of host time per decode 
 
     cache_seqlens_int32[:bs] = (seq_lens + seq_len_delta).to(int32)
     cu_seqlens_k[0] = 0;  cu_seqlens_k[1:bs+1] = cumsum(cache_seqlens_int32[:bs])
+    # with 2-D lengths outputs, row s (s < num_steps) holds the above for seq_len_delta + s
     tok = req_to_token[req_pool_indices[:, None], arange(max_seq_pages)[None, :] * page_size]
     page_table[:bs, :max_seq_pages] = tok // page_size
     if swa_page_table is not None:
@@ -12,6 +13,11 @@ PR 20778 fused it (about ten small kernels, ~125-140 us of host time per decode 
 
 The page table is filled for every column < max_seq_pages whatever each sequence's own length
 (the reference behaviour; SGLang's current fused kernel rewrites only each live prefix).
+
+Multi-step form: the T - 1 decode steps of a speculative draft (topk 1) read the same pages with
+lengths that grow by one token per step. Given ``[num_steps, >= bs]`` lengths outputs, one launch
+writes every step's lengths and prefix sums (row s: ``seq_len_delta + s`` extra tokens) and the one
+page table all steps share, instead of one launch per step.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ _PLANS: dict = {}  # (max_seq_pages, page_size) -> _plan(...)
 _POINTERS = ("seq_lens_ptr", "req_pool_indices_ptr", "req_to_token_ptr", "full_to_swa_ptr", "cache_seqlens_ptr",
              "cu_seqlens_k_ptr", "page_table_ptr", "swa_page_table_ptr")
 _INTS = ("stride_r2t_row", "stride_r2t_col", "stride_pt_row", "stride_pt_col", "stride_swa_row", "stride_swa_col",
-         "batch_size", "max_seq_pages", "seq_len_delta")
+         "stride_cache_step", "stride_cu_step", "num_steps", "batch_size", "max_seq_pages", "seq_len_delta")
 
 
 # Nothing but dtypes and constexprs specialized, so the op's own key is complete (launch_by_key).
@@ -44,14 +50,17 @@ def _fused_decode_metadata_kernel(
     stride_r2t_row: tl.int64,
     stride_r2t_col: tl.int64,
     full_to_swa_ptr,  # [num_tokens] int32/int64, or None without SWA
-    cache_seqlens_ptr,  # [>= bs] int32, output
-    cu_seqlens_k_ptr,  # [>= bs + 1] int32, output
+    cache_seqlens_ptr,  # [num_steps, >= bs] int32 (rows stride_cache_step apart), output
+    cu_seqlens_k_ptr,  # [num_steps, >= bs + 1] int32 (rows stride_cu_step apart), output
     page_table_ptr,  # [>= bs, >= max_seq_pages] int32, output
     stride_pt_row: tl.int64,
     stride_pt_col: tl.int64,
     swa_page_table_ptr,  # [>= bs, >= max_seq_pages] int32, output, or None without SWA
     stride_swa_row: tl.int64,
     stride_swa_col: tl.int64,
+    stride_cache_step: tl.int64,
+    stride_cu_step: tl.int64,
+    num_steps: tl.int32,
     batch_size: tl.int32,
     max_seq_pages: tl.int32,
     seq_len_delta: tl.int32,
@@ -61,21 +70,26 @@ def _fused_decode_metadata_kernel(
 ):
     """Program (b, c) fills columns [c * BLOCK_COLS, (c + 1) * BLOCK_COLS) of page-table row b;
     the last column of programs is one more: program (0, last) writes cache_seqlens and
-    cu_seqlens_k (one block-wide scan per BLOCK_BS) while the others gather pages."""
+    cu_seqlens_k of every step (one block-wide scan per BLOCK_BS; step s adds s to each length)
+    while the others gather pages."""
     pid_b = tl.program_id(0)
     pid_c = tl.program_id(1)
     scan_column = tl.num_programs(1) - 1
 
     if pid_b == 0 and pid_c == scan_column:
-        tl.store(cu_seqlens_k_ptr, 0)
+        for step in range(num_steps):
+            tl.store(cu_seqlens_k_ptr + step * stride_cu_step, 0)
         total = 0
         for start in range(0, batch_size, BLOCK_BS):
             offs = start + tl.arange(0, BLOCK_BS)
             in_batch = offs < batch_size
             seq_lens = tl.load(seq_lens_ptr + offs, mask=in_batch, other=0)
             lens = tl.where(in_batch, (seq_lens + seq_len_delta).to(tl.int32), 0)  # [BLOCK_BS]
-            tl.store(cache_seqlens_ptr + offs, lens, mask=in_batch)
-            tl.store(cu_seqlens_k_ptr + 1 + offs, total + tl.cumsum(lens, axis=0), mask=in_batch)
+            cu_lens = total + tl.cumsum(lens, axis=0)
+            for step in range(num_steps):  # step s: s more tokens per sequence, s * (i + 1) more in the sum
+                tl.store(cache_seqlens_ptr + step * stride_cache_step + offs, lens + step, mask=in_batch)
+                tl.store(cu_seqlens_k_ptr + step * stride_cu_step + 1 + offs, cu_lens + step * (offs + 1),
+                         mask=in_batch)
             total += tl.sum(lens, axis=0)
 
     if pid_b < batch_size and pid_c < scan_column:  # bs == 0 launches only the scan program
@@ -145,14 +159,20 @@ def _check_inputs(cache_seqlens_int32, cu_seqlens_k, page_table, req_to_token, r
 
     bs = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
     for name, tensor, min_len in (("seq_lens", seq_lens, bs), ("req_pool_indices", req_pool_indices, bs),
-                                  ("cache_seqlens_int32", cache_seqlens_int32, bs),
-                                  ("cu_seqlens_k", cu_seqlens_k, bs + 1),
                                   ("full_to_swa_index_mapping", full_to_swa_index_mapping, 0)):
         if tensor is None:
             continue
         if tensor.dim() != 1 or tensor.shape[0] < min_len or not tensor.is_contiguous():
             raise ValueError(f"{name} must be a contiguous 1-D tensor of at least {max(min_len, 0)} elements, "
                              f"got shape {tuple(tensor.shape)} strides {tensor.stride()}")
+    for name, tensor, min_len in (("cache_seqlens_int32", cache_seqlens_int32, bs), ("cu_seqlens_k", cu_seqlens_k, bs + 1)):
+        if tensor.dim() not in (1, 2) or tensor.shape[-1] < min_len or tensor.stride(-1) != 1 or tensor.shape[0] == 0:
+            raise ValueError(f"{name} must be 1-D [>= {max(min_len, 0)}] or 2-D [num_steps >= 1, >= {max(min_len, 0)}] "
+                             f"with contiguous rows, got shape {tuple(tensor.shape)} strides {tensor.stride()}")
+    if cache_seqlens_int32.dim() != cu_seqlens_k.dim() or (
+            cu_seqlens_k.dim() == 2 and cu_seqlens_k.shape[0] != cache_seqlens_int32.shape[0]):
+        raise ValueError(f"cu_seqlens_k (shape {tuple(cu_seqlens_k.shape)}) must have the rank and the rows (steps) "
+                         f"of cache_seqlens_int32 (shape {tuple(cache_seqlens_int32.shape)})")
     if req_pool_indices.shape[0] != bs:
         raise ValueError(f"req_pool_indices has {req_pool_indices.shape[0]} elements, seq_lens {bs}")
     if req_to_token.dim() != 2:
@@ -179,15 +199,20 @@ def _inputs_ok(cache_seqlens_int32, cu_seqlens_k, page_table, req_to_token, req_
         return False
     try:  # shapes by unpacking: a wrong rank raises ValueError
         (bs,), (num_indices,) = seq_lens.shape, req_pool_indices.shape
-        (num_cache_seqlens,), (num_cu_seqlens,) = cache_seqlens_int32.shape, cu_seqlens_k.shape
         (table_rows, table_cols), (_, max_context) = page_table.shape, req_to_token.shape
     except ValueError:
         return False
+    if cache_seqlens_int32.dim() == 1:  # one step
+        if cu_seqlens_k.dim() != 1 or not (cache_seqlens_int32.is_contiguous() and cu_seqlens_k.is_contiguous()):
+            return False
+    elif not (cache_seqlens_int32.dim() == 2 and cu_seqlens_k.dim() == 2
+              and 0 < cache_seqlens_int32.shape[0] == cu_seqlens_k.shape[0]
+              and cache_seqlens_int32.stride(1) == 1 and cu_seqlens_k.stride(1) == 1):
+        return False
     device = page_table.get_device()
-    if not (num_indices == bs and num_cache_seqlens >= bs and num_cu_seqlens > bs
+    if not (num_indices == bs and cache_seqlens_int32.shape[-1] >= bs and cu_seqlens_k.shape[-1] > bs
             and table_rows >= bs and table_cols >= max_seq_pages and max_seq_pages * page_size <= max_context
             and seq_lens.is_contiguous() and req_pool_indices.is_contiguous()
-            and cache_seqlens_int32.is_contiguous() and cu_seqlens_k.is_contiguous()
             and cache_seqlens_int32.get_device() == device and cu_seqlens_k.get_device() == device
             and req_to_token.get_device() == device and req_pool_indices.get_device() == device
             and seq_lens.get_device() == device):
@@ -229,9 +254,11 @@ def fused_decode_metadata(
     Parameters
     ----------
     cache_seqlens_int32 : torch.Tensor
-        int32 [>= bs], contiguous. Output: ``seq_lens + seq_len_delta``.
+        int32 [>= bs], contiguous. Output: ``seq_lens + seq_len_delta``. Or int32
+        [num_steps, >= bs] with contiguous rows: row s gets ``seq_lens + seq_len_delta + s``.
     cu_seqlens_k : torch.Tensor
-        int32 [>= bs + 1], contiguous. Output: 0 then the running sum of the lengths.
+        int32 [>= bs + 1], contiguous (or [num_steps, >= bs + 1], rows as above). Output: 0 then
+        the running sum of the lengths.
     page_table : torch.Tensor
         int32 [>= bs, >= max_seq_pages], any strides. Output: page ids.
     req_to_token : torch.Tensor
@@ -285,7 +312,14 @@ def fused_decode_metadata(
         mapping_dtype = full_to_swa_index_mapping.dtype
     grid = (batch_size, col_blocks + 1) if batch_size and max_seq_pages else (1, 1)
     # the kernel's last arguments, no tensors among them (constexprs positionally: a cheaper launch)
-    tail = (swa_row_stride, swa_col_stride, batch_size, max_seq_pages, seq_len_delta, page_shift, _BLOCK_BS, block_cols)
+    if cache_seqlens_int32.dim() == 1:
+        cache_step_stride = cu_step_stride = 0
+        num_steps = 1
+    else:
+        num_steps, (cache_step_stride, cu_step_stride) = cache_seqlens_int32.size(0), (
+            cache_seqlens_int32.stride(0), cu_seqlens_k.stride(0))
+    tail = (swa_row_stride, swa_col_stride, cache_step_stride, cu_step_stride, num_steps, batch_size, max_seq_pages,
+            seq_len_delta, page_shift, _BLOCK_BS, block_cols)
     _LAUNCH.launch_by_key(
         # everything Triton specializes this kernel on (see the decorator)
         (page_table.is_cuda, seq_lens.dtype, req_pool_indices.dtype, mapping_dtype, page_shift, block_cols, num_warps),

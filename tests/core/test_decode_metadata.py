@@ -134,6 +134,43 @@ def test_strided_tables():
     assert (wide[:, :3] == SENTINEL).all() and (wide[:, 4 + max_seq_pages :] == SENTINEL).all()
 
 
+@pytest.mark.parametrize("bs,num_steps,page_size", [(1, 2, 1), (7, 4, 16), (300, 3, 2)])
+def test_multi_step_lengths(bs, num_steps, page_size):
+    """2-D lengths outputs (a speculative draft's steps): row s is the one-step result for delta + s,
+    rows strided inside wider buffers; one page table for all steps; nothing else written."""
+    delta = 1
+    out, inputs, mapping = make_case(bs, page_size, swa=False, index_dtype=torch.int64, max_seq_pages=5, seed=bs)
+    lens_buffer = torch.full((num_steps + 1, bs + 9), SENTINEL, dtype=torch.int32, device=DEVICE)
+    cu_buffer = torch.full((num_steps + 1, bs + 12), SENTINEL, dtype=torch.int32, device=DEVICE)
+    lengths, cu_lengths = lens_buffer[:num_steps, 2:], cu_buffer[:num_steps, 3:]
+    fused_decode_metadata(lengths, cu_lengths, out["page_table"], inputs["req_to_token"], inputs["req_pool_indices"],
+                          inputs["seq_lens"], inputs["max_seq_pages"], seq_len_delta=delta, page_size=page_size)
+    for step in range(num_steps):
+        one = {"cache_seqlens_int32": torch.full((bs + 7,), SENTINEL, dtype=torch.int32, device=DEVICE),
+               "cu_seqlens_k": torch.full((bs + 9,), SENTINEL, dtype=torch.int32, device=DEVICE),
+               "page_table": out["page_table"]}
+        want = reference(one, inputs["req_to_token"], inputs["req_pool_indices"], inputs["seq_lens"],
+                         inputs["max_seq_pages"], delta + step, page_size, None)
+        assert_equal_verbose(lengths[step], want["cache_seqlens_int32"], f"lengths of step {step}")
+        assert_equal_verbose(cu_lengths[step], want["cu_seqlens_k"], f"cu lengths of step {step}")
+        assert_equal_verbose(out["page_table"], want["page_table"], "shared page table")
+    assert (lens_buffer[:, :2] == SENTINEL).all() and (lens_buffer[num_steps:] == SENTINEL).all()
+    assert (cu_buffer[:, :3] == SENTINEL).all() and (cu_buffer[num_steps:] == SENTINEL).all()
+
+
+@pytest.mark.parametrize("cache,cu,match", [
+    ((3, 9), (2, 9), "rows"),  # step counts differ
+    ((3, 9), (9,), "rank"),
+    ((0, 9), (0, 9), "num_steps"),
+])
+def test_multi_step_bad_shapes(cache, cu, match):
+    args = _valid_args(swa=False)
+    args["cache_seqlens_int32"] = torch.zeros(cache, dtype=torch.int32, device=DEVICE)
+    args["cu_seqlens_k"] = torch.zeros(cu, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=match):
+        fused_decode_metadata(**args)
+
+
 def _valid_args(swa=True):
     out, inputs, mapping = make_case(3, 4, swa=swa, index_dtype=torch.int32, max_seq_pages=5)
     return {"cache_seqlens_int32": out["cache_seqlens_int32"], "cu_seqlens_k": out["cu_seqlens_k"],
