@@ -48,3 +48,17 @@ def test_verify_attention_benchmark_smoke_run(tmp_path):
     for row in rows:  # every provider that ran the same batch as attnplug agrees with it
         if row["max_abs_diff"]:
             assert float(row["max_abs_diff"]) < 1e-4, row
+
+
+def test_draft_metadata_benchmark_smoke_run(tmp_path):
+    """bench_draft_metadata.py on tiny shapes under the interpreter: outputs checked, CSV reads back."""
+    import csv
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import bench_draft_metadata
+
+    bench_draft_metadata.main(["--smoke", "--out", str(tmp_path)])
+    with open(tmp_path / "draft_metadata.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    ours = [r for r in rows if r["provider"] == "attnplug"]
+    assert len(ours) == 2 and all(r["launches"] == "1" and float(r["eager_us"]) > 0 for r in ours)
