@@ -24,6 +24,9 @@ FLUSH_SECONDS = 2.0
 
 op_calls: Counter[str] = Counter()  # op name -> calls in this process
 split_kv: Counter[str] = Counter()  # "sequences" / "tokens": decode-like rows planned into the split-KV kernel
+# speculative decoding: "verify_batches", "draft_extend_batches", "draft_rounds" (one metadata launch for
+# all draft steps of a round) and "draft_steps" (the steps those launches prepared)
+speculative: Counter[str] = Counter()
 _patches: dict[str, dict[str, str]] = {}  # patch id -> {"status", "reason"}
 _engines: dict[str, str | None] = {}  # engine name -> version
 _writer: threading.Thread | None = None
@@ -46,6 +49,11 @@ def count_split_kv(num_sequences: int, num_tokens: int) -> None:
     split_kv["tokens"] += num_tokens
 
 
+def count_speculative(event: str, n: int = 1) -> None:
+    """Speculative-decoding work planned by an attnplug backend (see :data:`speculative`)."""
+    speculative[event] += n
+
+
 def _cmdline() -> list[str]:
     try:
         return [part for part in Path("/proc/self/cmdline").read_bytes().decode(errors="replace").split("\0") if part]
@@ -63,6 +71,7 @@ def snapshot() -> dict:
         "patches": dict(_patches),
         "op_calls": dict(op_calls),
         "split_kv": dict(split_kv),
+        "speculative": dict(speculative),
         "written_at": time.time(),
     }
 

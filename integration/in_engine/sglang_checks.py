@@ -37,24 +37,28 @@ _TRITON = "sglang.srt.layers.attention.triton_backend"
 # What each patch does on each tested release (the support-matrix cell), and so whether it applies.
 EXPECTED = {
     "0.5.8.post1": {
+        "sglang.attnplug.draft_backends": "not applicable",
         "sglang.fa.decode_metadata": "applies",
         "sglang.fa.scheduler_metadata": "not applicable",
         "sglang.spec.metadata_copy": "applies",
         "sglang.triton.kv_splits": "not applicable",
     },
     "0.5.9": {
+        "sglang.attnplug.draft_backends": "not applicable",
         "sglang.fa.decode_metadata": "applies",
         "sglang.fa.scheduler_metadata": "not applicable",
         "sglang.spec.metadata_copy": "upstream already has it",
         "sglang.triton.kv_splits": "not applicable",
     },
     "0.5.10.post1": {
+        "sglang.attnplug.draft_backends": "not applicable",
         "sglang.fa.decode_metadata": "upstream already has it",
         "sglang.fa.scheduler_metadata": "applies",
         "sglang.spec.metadata_copy": "upstream already has it",
         "sglang.triton.kv_splits": "not applicable",
     },
     "0.5.23": {
+        "sglang.attnplug.draft_backends": "applies",
         "sglang.fa.decode_metadata": "upstream already has it",
         "sglang.fa.scheduler_metadata": "upstream already has it",
         "sglang.spec.metadata_copy": "upstream already has it",

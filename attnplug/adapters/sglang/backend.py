@@ -12,14 +12,27 @@ the last queries of its ``prefix + extend`` KV tokens, which is ``paged_attentio
 Layers and batches the kernels do not cover (cross attention, encoder-only or bidirectional
 layers, quantized KV cache, encoder-decoder batches, ...) run SGLang's ``torch_native`` backend,
 with one log line per reason; set-ups with no fallback (MLA, hybrid SWA or unified KV pools, DCP,
-speculative decoding) are refused at construction.
+speculative set-ups other than chain drafts) are refused at construction.
 
-CUDA graphs (0.5.23 contract): decode batches only. ``init_forward_metadata_out_graph`` plans
-once per captured batch size at capture (``max_seqlen_k`` = the context length, an upper bound:
-the decode kernel cuts each sequence's KV by its own device-side length) and, before each replay,
-refills the persistent lengths / page table that the captured kernels read. Nothing is recorded by
-``init_forward_metadata_in_graph``: the page-table width is a host int that changes between
-replays. Other graph modes raise ``NotImplementedError``.
+Speculative decoding (EAGLE / EAGLE3 / NEXTN / STANDALONE, ``--speculative-eagle-topk 1``):
+- ``TARGET_VERIFY``: ``seq_lens`` is the committed prefix; each request's ``N`` draft tokens (already
+  in ``req_to_token``) are its last ``N`` queries over ``seq_lens + N`` KV tokens, causal: the chain
+  mask. Planned as decode-like sequences of ``N`` queries, so they run through the split-KV kernel.
+- ``DRAFT_EXTEND_V2``: an extend whose rows all have ``N`` queries: decode-like too.
+- Draft decode: :class:`AttnplugMultiStepDraftBackend` (one child backend per draft step, created
+  through SGLang's ``DraftBackendFactory`` by the registration's patch): one multi-step
+  ``fused_decode_metadata`` launch per round writes every step's lengths (``seq_lens + step + 1``)
+  and the page table they share; each step has its own plan.
+torch_native is no fallback for these modes (it reads ``seq_lens`` as the KV length): a layer the
+kernels do not cover raises instead of giving different tokens.
+
+CUDA graphs (0.5.23 contract): decode and target-verify batches, and the draft steps.
+``init_forward_metadata_out_graph`` plans once per captured batch size at capture
+(``max_seqlen_k`` = the context length, an upper bound: the kernels cut each sequence's KV by its
+own device-side length) and, before each replay, refills the persistent lengths / page table that
+the captured kernels read. Nothing is recorded by ``init_forward_metadata_in_graph``: the
+page-table width is a host int that changes between replays. Other graph modes raise
+``NotImplementedError``.
 
 This module imports SGLang: it is loaded only inside SGLang, by the registered factory.
 """
@@ -35,11 +48,13 @@ from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 
-from attnplug import ops
+from attnplug import ops, report
 from attnplug._log import log_once, logger
 
 GRAPH_SEQ_LEN_FILL_VALUE = 1  # padded graph lanes: one token of the req_to_token padding row
-SERVED_MODES = (ForwardMode.DECODE, ForwardMode.EXTEND, ForwardMode.MIXED)
+SERVED_MODES = (ForwardMode.DECODE, ForwardMode.EXTEND, ForwardMode.MIXED, ForwardMode.TARGET_VERIFY,
+                ForwardMode.DRAFT_EXTEND_V2)
+SPECULATIVE_MODES = (ForwardMode.TARGET_VERIFY, ForwardMode.DRAFT_EXTEND_V2)  # no torch_native fallback
 
 
 @dataclass
@@ -75,9 +90,9 @@ def unsupported_setup(model_runner) -> str | None:
         return "a unified (virtually addressed) KV pool"
     if get_parallel().attn_dcp_size > 1:
         return "decode context parallelism (DCP)"
-    spec = getattr(model_runner, "spec_algorithm", None)
-    if spec is not None and not spec.is_none():
-        return f"speculative decoding ({spec})"
+    spec_reason = unsupported_speculative_setup(model_runner)
+    if spec_reason is not None:
+        return spec_reason
     page_size = getattr(model_runner, "page_size", 1) or 1
     if page_size & (page_size - 1):
         return f"page size {page_size} (a power of two is needed)"
@@ -85,6 +100,40 @@ def unsupported_setup(model_runner) -> str | None:
     if k_buffer.dim() != 3 or k_buffer.shape[0] % page_size:
         return f"KV buffer of shape {tuple(k_buffer.shape)} (need token-major [num_tokens, heads, head_dim])"
     return None
+
+
+def unsupported_speculative_setup(model_runner) -> str | None:
+    """Why the speculative-decoding set-up cannot be served (None: none, or a chain-draft EAGLE / STANDALONE)."""
+    spec = getattr(model_runner, "spec_algorithm", None)
+    if spec is None or spec.is_none():
+        return None
+    from sglang.srt.runtime_context import get_spec
+
+    config = get_spec()
+    name = getattr(spec, "name", str(spec))
+    if spec.is_ngram():
+        return ("--speculative-algorithm NGRAM (its drafts are token trees, the kernels attend causally); "
+                "use EAGLE, EAGLE3 or STANDALONE")
+    if not (spec.is_eagle() or spec.is_standalone()) or name == "FROZEN_KV_MTP":
+        return f"--speculative-algorithm {name} (served: EAGLE, EAGLE3, NEXTN, STANDALONE)"
+    if (config.speculative_eagle_topk or 1) > 1:
+        return (f"tree drafts (--speculative-eagle-topk {config.speculative_eagle_topk}); "
+                "set --speculative-eagle-topk 1")
+    if getattr(config, "enable_multi_layer_eagle", False):
+        return "--enable-multi-layer-eagle"
+    if getattr(config, "speculative_draft_window_size", None):
+        return "--speculative-draft-window-size"
+    return None
+
+
+def speculative_query_len(model_runner) -> int:
+    """Query tokens of a verify / draft-extend row (``--speculative-num-draft-tokens``), 1 without speculation."""
+    spec = getattr(model_runner, "spec_algorithm", None)
+    if spec is None or spec.is_none():
+        return 1
+    from sglang.srt.runtime_context import get_spec
+
+    return max(1, int(get_spec().speculative_num_draft_tokens or 1))
 
 
 def log_fallback_once(reason: str) -> None:
@@ -97,11 +146,13 @@ class AttnplugAttnBackend(AttentionBackend):
 
     needs_cpu_seq_lens = True  # host maxima size the page table and the plan
 
-    def __init__(self, model_runner):
+    def __init__(self, model_runner, *, workspace=None):
+        """``workspace``: an ``AttentionWorkspace`` to share (the draft steps of one round run one after another)."""
         super().__init__()
         from sglang.srt.runtime_context import get_parallel
 
         from attnplug.core import AttentionWorkspace
+        from attnplug.core.attention.plan import MAX_DECODE_QUERY_LEN
 
         reason = unsupported_setup(model_runner)
         if reason is not None:
@@ -120,15 +171,22 @@ class AttnplugAttnBackend(AttentionBackend):
 
         max_seqs = self.req_to_token.shape[0]  # req_to_token rows (padding row included)
         max_tokens = max(getattr(model_runner, "max_total_num_tokens", 0) or 0, self.token_to_kv_pool.size)
-        self.workspace = AttentionWorkspace.allocate(
-            max_seqs, max_tokens, self.num_q_heads, self.head_dim, device=self.device
+        # verify / draft-extend rows of N queries run as decode-like sequences when N fits the split-KV kernel
+        self.speculative_query_len = speculative_query_len(model_runner)
+        self.max_decode_query_len = self.speculative_query_len if self.speculative_query_len <= MAX_DECODE_QUERY_LEN else 1
+        self.workspace = workspace or AttentionWorkspace.allocate(
+            max_seqs, max_tokens, self.num_q_heads, self.head_dim, device=self.device,
+            max_decode_query_len=self.max_decode_query_len,
         )
         index = {"dtype": torch.int32, "device": self.device}
         self.seq_lens_i32 = torch.zeros(max_seqs, **index)
         self.cu_seqlens_k = torch.zeros(max_seqs + 1, **index)
         self.decode_query_start_loc = torch.arange(max_seqs + 1, **index)
+        # verify rows: N queries each (N = the batch's tokens per request; usually speculative_query_len)
+        self._verify_query_start_locs: dict[int, torch.Tensor] = {}
         self.extend_query_start_loc = torch.zeros(max_seqs + 1, **index)  # [0] stays 0
         self.graph = None  # GraphBuffers after init_cuda_graph_state
+        self.draft_step = None  # a child of AttnplugMultiStepDraftBackend: its step; metadata comes from it
 
         self._fused_decode_metadata = ops.resolve("fused_decode_metadata")
         self._plan_attention = ops.resolve("plan_attention")
@@ -154,27 +212,41 @@ class AttnplugAttnBackend(AttentionBackend):
             self.forward_metadata = AttnplugForwardMetadata(fallback=reason)
             return
         bs = forward_batch.batch_size
-        max_seqlen_k = self._max_seq_len(forward_batch)
+        # TARGET_VERIFY: seq_lens is the prefix, the N draft tokens come on top
+        kv_delta = self._verify_len(forward_batch) if mode.is_target_verify() else 0
+        max_seqlen_k = self._max_seq_len(forward_batch) + kv_delta
         pages = _cdiv(max_seqlen_k, self.page_size)
         block_table = torch.empty((bs, pages), dtype=torch.int32, device=self.device)
         self._fused_decode_metadata(
             self.seq_lens_i32[:bs], self.cu_seqlens_k[: bs + 1], block_table, self.req_to_token,
-            forward_batch.req_pool_indices, forward_batch.seq_lens, pages, page_size=self.page_size,
+            forward_batch.req_pool_indices, forward_batch.seq_lens, pages, seq_len_delta=kv_delta,
+            page_size=self.page_size,
         )
+        max_decode_query_len = 1
         if mode.is_decode():
             query_start_loc, num_decodes, max_seqlen_q = self.decode_query_start_loc[: bs + 1], bs, 1
-        else:  # EXTEND / MIXED: sequence i's queries are its extend_seq_lens[i] newest tokens
+        elif mode.is_target_verify():
+            query_start_loc, max_seqlen_q = self._verify_query_start_loc(kv_delta)[: bs + 1], kv_delta
+            num_decodes, max_decode_query_len = self._decode_like(bs, kv_delta)
+            report.count_speculative("verify_batches")
+        else:  # EXTEND / MIXED / DRAFT_EXTEND_V2: sequence i's queries are its extend_seq_lens[i] newest tokens
             query_start_loc = self.extend_query_start_loc[: bs + 1]
             torch.cumsum(forward_batch.extend_seq_lens, dim=0, dtype=torch.int32, out=query_start_loc[1:])
             extend_lens = [int(n) for n in forward_batch.extend_seq_lens_cpu]
             max_seqlen_q = max(extend_lens)
-            num_decodes = next((i for i, n in enumerate(extend_lens) if n != 1), bs)  # leading one-token rows
+            if mode.is_draft_extend_v2():  # N queries per row (fewer never: SGLang pads the window)
+                num_decodes, max_decode_query_len = self._decode_like(bs, max_seqlen_q)
+                report.count_speculative("draft_extend_batches")
+            else:
+                num_decodes = next((i for i, n in enumerate(extend_lens) if n != 1), bs)  # leading one-token rows
         plan = self._plan_attention(
             query_start_loc, self.seq_lens_i32[:bs], num_decodes=num_decodes,
             num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads, head_size=self.head_dim,
             page_size=self.page_size, max_seqlen_q=max(max_seqlen_q, 1), max_seqlen_k=max(max_seqlen_k, 1),
-            workspace=self.workspace,
+            max_decode_query_len=max_decode_query_len, workspace=self.workspace,
         )
+        if max_decode_query_len > 1:
+            report.count_split_kv(num_decodes, num_decodes * max_seqlen_q)
         self.forward_metadata = AttnplugForwardMetadata(plan=plan, block_table=block_table)
         if mode not in self._modes_served:
             self._modes_served.add(mode)
@@ -186,9 +258,35 @@ class AttnplugAttnBackend(AttentionBackend):
             return f"{mode.name} batches"
         if forward_batch.encoder_lens is not None:
             return "encoder-decoder batches"
-        if forward_batch.spec_info is not None:
-            return "speculative-decoding batches"
+        if mode.is_decode() and forward_batch.spec_info is not None and forward_batch.spec_info.is_draft_input():
+            raise NotImplementedError("a draft-decode batch reached a single attnplug backend; draft steps are "
+                                      "planned by AttnplugMultiStepDraftBackend")
+        if mode.is_target_verify() and getattr(forward_batch.spec_info, "ragged_verify_layout", None) is not None:
+            raise NotImplementedError("--attention-backend attnplug does not serve ragged verify layouts "
+                                      "(SGLANG_RAGGED_VERIFY_MODE=compact)")
         return None
+
+    def _verify_len(self, forward_batch) -> int:
+        """Tokens per request of a verify batch (the draft window N; 1 for a trivial verify)."""
+        spec_info = forward_batch.spec_info
+        return int(getattr(spec_info, "num_tokens_per_req", 0) or spec_info.draft_token_num)
+
+    def _verify_query_start_loc(self, num_tokens_per_req: int) -> torch.Tensor:
+        """int32 ``arange(0, (max_seqs + 1) * N, N)``, one persistent buffer per N."""
+        starts = self._verify_query_start_locs.get(num_tokens_per_req)
+        if starts is None:
+            rows = self.req_to_token.shape[0] + 1
+            starts = torch.arange(0, rows * num_tokens_per_req, num_tokens_per_req, dtype=torch.int32,
+                                  device=self.device)
+            self._verify_query_start_locs[num_tokens_per_req] = starts
+        return starts
+
+    def _decode_like(self, bs: int, queries_per_row: int) -> tuple[int, int]:
+        """(num_decodes, max_decode_query_len) for a batch whose rows all have ``queries_per_row`` queries:
+        decode-like (split-KV kernel) when the workspace holds that many query rows, else prefill rows."""
+        if queries_per_row <= self.workspace.max_decode_query_len:
+            return bs, queries_per_row
+        return 0, 1
 
     def _max_seq_len(self, forward_batch: ForwardBatch) -> int:
         """Host upper bound of the batch's KV lengths (the context length when the host copy is missing)."""
@@ -212,7 +310,7 @@ class AttnplugAttnBackend(AttentionBackend):
         if max_bs > self.workspace.max_num_seqs or max_num_tokens > self.workspace.max_num_tokens:
             self.workspace = AttentionWorkspace.allocate(
                 max(max_bs, self.workspace.max_num_seqs), max(max_num_tokens, self.workspace.max_num_tokens),
-                self.num_q_heads, self.head_dim, device=self.device,
+                self.num_q_heads, self.head_dim, device=self.device, max_decode_query_len=self.max_decode_query_len,
             )
         index = {"dtype": torch.int32, "device": self.device}
         self.graph = GraphBuffers(
@@ -226,35 +324,51 @@ class AttnplugAttnBackend(AttentionBackend):
         return GRAPH_SEQ_LEN_FILL_VALUE
 
     def init_forward_metadata_out_graph(self, forward_batch: ForwardBatch, in_capture: bool = False):
-        """Capture: plan this batch size once into the graph buffers. Replay: refill those buffers."""
+        """Capture: plan this batch size once into the graph buffers. Replay: refill those buffers.
+
+        Decode batches, and target-verify batches (``seq_lens`` the prefix, N queries per request).
+        ``forward_batch`` may be SGLang's replay view (a namespace): only ``forward_mode``,
+        ``batch_size``, ``req_pool_indices``, ``seq_lens``, ``seq_lens_cpu``, ``spec_info`` and
+        ``encoder_lens`` are read, the tensors sliced to ``batch_size``.
+        """
         if self.graph is None:
             raise RuntimeError("init_forward_metadata_out_graph before init_cuda_graph_state")
         mode = forward_batch.forward_mode
-        if not mode.is_decode() or forward_batch.spec_info is not None or forward_batch.encoder_lens is not None:
+        plain_decode = mode.is_decode() and forward_batch.spec_info is None
+        if not (plain_decode or mode.is_target_verify()) or forward_batch.encoder_lens is not None:
             raise NotImplementedError(
-                f"--attention-backend attnplug captures CUDA graphs of plain decode batches only, not {mode.name}; "
-                "disable the other graph runners (e.g. prefill CUDA graphs) with this backend"
+                f"--attention-backend attnplug captures CUDA graphs of decode and target-verify batches only, not "
+                f"{mode.name}; disable the other graph runners (e.g. prefill CUDA graphs) with this backend"
             )
         bs = forward_batch.batch_size
+        queries = self._verify_len(forward_batch) if mode.is_target_verify() else 1
         graph = self.graph
         if in_capture:
+            num_decodes, max_decode_query_len = self._decode_like(bs, queries)
+            starts = graph.query_start_loc if queries == 1 else self._verify_query_start_loc(queries)
             plan = self._plan_attention(
-                graph.query_start_loc[: bs + 1], graph.seq_lens_i32[:bs], num_decodes=bs,
+                starts[: bs + 1], graph.seq_lens_i32[:bs], num_decodes=num_decodes,
                 num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads, head_size=self.head_dim,
-                page_size=self.page_size, max_seqlen_q=1, max_seqlen_k=self.max_context_len,
-                workspace=self.workspace,
+                page_size=self.page_size, max_seqlen_q=queries, max_seqlen_k=self.max_context_len,
+                max_decode_query_len=max_decode_query_len, workspace=self.workspace,
             )
-            graph.metadata[bs] = AttnplugForwardMetadata(plan=plan, block_table=graph.page_table[:bs])
-        max_seqlen_k = self._max_seq_len(forward_batch)
+            graph.metadata[(bs, queries)] = AttnplugForwardMetadata(plan=plan, block_table=graph.page_table[:bs])
+        delta = queries if mode.is_target_verify() else 0
+        max_seqlen_k = min(self._max_seq_len(forward_batch) + delta, self.max_context_len)
         self._fused_decode_metadata(
             graph.seq_lens_i32[:bs], graph.cu_seqlens_k[: bs + 1], graph.page_table, self.req_to_token,
             forward_batch.req_pool_indices[:bs], forward_batch.seq_lens[:bs],
-            _cdiv(max_seqlen_k, self.page_size), page_size=self.page_size,
+            _cdiv(max_seqlen_k, self.page_size), seq_len_delta=delta, page_size=self.page_size,
         )
-        self.forward_metadata = graph.metadata[bs]
+        if mode.is_target_verify():
+            report.count_speculative("verify_batches")
+        self.forward_metadata = graph.metadata[(bs, queries)]
 
     def init_forward_metadata_in_graph(self, forward_batch: ForwardBatch):
         """Nothing to record: out_graph refills the buffers the captured kernels read."""
+
+    def update_verify_buffers_to_fill_after_draft(self, spec_info, cuda_graph_bs):
+        """Nothing to fill: a chain draft needs no tree mask (SGLang's base class raises here)."""
 
     # ------------------------------------------------------------------ per layer
 
@@ -273,6 +387,10 @@ class AttnplugAttnBackend(AttentionBackend):
         metadata = self.forward_metadata
         reason = metadata.fallback or self._layer_reason(layer)
         if reason is not None:
+            if self.draft_step is not None or forward_batch.forward_mode.is_target_verify():
+                raise NotImplementedError(  # torch_native reads seq_lens as the KV length: wrong tokens here
+                    f"--attention-backend attnplug cannot serve {reason} in speculative decoding (no fallback for "
+                    "draft or verify batches); use another attention backend")
             if sinks is not None:
                 raise NotImplementedError(f"--attention-backend attnplug: no fallback with attention sinks for {reason}")
             log_fallback_once(reason)
@@ -355,4 +473,117 @@ class GraphBuffers:
     cu_seqlens_k: torch.Tensor  # int32 [max_bs + 1]
     page_table: torch.Tensor  # int32 [max_bs, max_context_len / page_size]
     query_start_loc: torch.Tensor  # int32 arange [max_bs + 1]
-    metadata: dict = field(default_factory=dict)  # captured batch size -> AttnplugForwardMetadata
+    metadata: dict = field(default_factory=dict)  # (captured batch size, queries per row) -> AttnplugForwardMetadata
+
+
+class AttnplugMultiStepDraftBackend:
+    """The draft-decode steps of a speculative round (topk 1): one child backend per step, one metadata launch.
+
+    Step ``s`` (``s < speculative_num_steps - 1``; the last step only samples) runs one query per
+    request at position ``seq_lens + s`` over ``seq_lens + s + 1`` KV tokens, the draft tokens of
+    the earlier steps included (their slots are in ``req_to_token`` before the round). So before
+    the round one multi-step ``fused_decode_metadata`` launch writes every step's lengths (a row per
+    step) and the page table they all read, and each step gets its own plan over its row. The
+    children share one workspace: the steps run one after another on one stream.
+
+    SGLang selects a child per step (``attn_backends[s]``) and calls only the metadata methods
+    below on this object: eager ``init_forward_metadata``, or the CUDA-graph ones.
+    """
+
+    needs_cpu_seq_lens = True  # host maxima size the page table
+
+    def __init__(self, model_runner, topk: int, speculative_num_steps: int):
+        if topk != 1:
+            raise ValueError(f"--attention-backend attnplug drafts chains only; set --speculative-eagle-topk 1 "
+                             f"(got {topk})")
+        self.topk, self.speculative_num_steps = topk, speculative_num_steps
+        first = AttnplugAttnBackend(model_runner)
+        self.attn_backends = [first] + [AttnplugAttnBackend(model_runner, workspace=first.workspace)
+                                        for _ in range(speculative_num_steps - 2)]
+        for step, child in enumerate(self.attn_backends):
+            child.draft_step = step
+        self.device, self.page_size = first.device, first.page_size
+        self.req_to_token, self.max_context_len = first.req_to_token, first.max_context_len
+        self.token_to_kv_pool, self.req_to_token_pool = first.token_to_kv_pool, first.req_to_token_pool
+        self.kv_index_translator = first.kv_index_translator
+        self.forward_metadata = None
+        self.prefill_attention_backend_str = self.decode_attention_backend_str = None
+        index = {"dtype": torch.int32, "device": self.device}
+        max_seqs = self.req_to_token.shape[0]
+        self.lengths = torch.zeros(len(self.attn_backends), max_seqs, **index)  # row s: step s's KV lengths
+        self.cu_lengths = torch.zeros(len(self.attn_backends), max_seqs + 1, **index)
+        self.graph = None  # DraftGraphBuffers after init_cuda_graph_state
+        self._fused_decode_metadata = first._fused_decode_metadata
+        self._plan_attention = first._plan_attention
+
+    def _plan_steps(self, bs: int, lengths: torch.Tensor, block_table: torch.Tensor, max_seqlen_k: int) -> list:
+        """One decode plan per step over ``lengths[s, :bs]`` (int32 [steps, >= bs]) and the shared table."""
+        first = self.attn_backends[0]
+        return [AttnplugForwardMetadata(plan=self._plan_attention(
+            first.decode_query_start_loc[: bs + 1], lengths[step, :bs], num_decodes=bs,
+            num_q_heads=first.num_q_heads, num_kv_heads=first.num_kv_heads, head_size=first.head_dim,
+            page_size=self.page_size, max_seqlen_q=1, max_seqlen_k=min(max_seqlen_k + step + 1, self.max_context_len),
+            workspace=first.workspace), block_table=block_table) for step in range(len(self.attn_backends))]
+
+    def _fill(self, forward_batch, lengths, cu_lengths, block_table, bs: int) -> None:
+        """The one launch of a round: every step's lengths (``seq_lens + s + 1``) and the shared page table."""
+        steps = len(self.attn_backends)
+        max_seqlen_k = min(self.attn_backends[0]._max_seq_len(forward_batch) + steps, self.max_context_len)
+        self._fused_decode_metadata(
+            lengths[:, :bs], cu_lengths[:, : bs + 1], block_table, self.req_to_token,
+            forward_batch.req_pool_indices[:bs], forward_batch.seq_lens[:bs], _cdiv(max_seqlen_k, self.page_size),
+            seq_len_delta=1, page_size=self.page_size,
+        )
+        report.count_speculative("draft_rounds")
+        report.count_speculative("draft_steps", steps)
+
+    def _bind(self, metadata: list) -> None:
+        for child, step_metadata in zip(self.attn_backends, metadata):
+            child.forward_metadata = step_metadata
+
+    def init_forward_metadata(self, forward_batch: ForwardBatch):
+        """Eager round: lengths, page table and plans of every step, once."""
+        bs = forward_batch.batch_size
+        if forward_batch.forward_mode.is_idle() or bs == 0:
+            self._bind([AttnplugForwardMetadata()] * len(self.attn_backends))
+            return
+        max_seqlen_k = self.attn_backends[0]._max_seq_len(forward_batch) + len(self.attn_backends)
+        block_table = torch.empty((bs, _cdiv(max_seqlen_k, self.page_size)), dtype=torch.int32, device=self.device)
+        self._fill(forward_batch, self.lengths, self.cu_lengths, block_table, bs)
+        self._bind(self._plan_steps(bs, self.lengths, block_table, max_seqlen_k))
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        for child in self.attn_backends[:1]:  # the shared workspace, grown if the graphs need more
+            child.init_cuda_graph_state(max_bs, max_num_tokens)
+        for child in self.attn_backends[1:]:
+            child.workspace = self.attn_backends[0].workspace
+        index = {"dtype": torch.int32, "device": self.device}
+        steps = len(self.attn_backends)
+        self.graph = DraftGraphBuffers(
+            lengths=torch.full((steps, max_bs), GRAPH_SEQ_LEN_FILL_VALUE, **index),
+            cu_lengths=torch.zeros(steps, max_bs + 1, **index),
+            page_table=torch.zeros((max_bs, _cdiv(self.max_context_len, self.page_size)), **index),
+        )
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        """Capture: plan every step of this batch size once. Replay: one launch refills every step's buffers."""
+        if self.graph is None:
+            raise RuntimeError("init_forward_metadata_out_graph before init_cuda_graph_state")
+        bs, graph = forward_batch.batch_size, self.graph
+        if in_capture:
+            graph.metadata[bs] = self._plan_steps(bs, graph.lengths, graph.page_table[:bs], self.max_context_len)
+        self._fill(forward_batch, graph.lengths, graph.cu_lengths, graph.page_table, bs)
+        self._bind(graph.metadata[bs])
+
+    def init_forward_metadata_in_graph(self, forward_batch):
+        """Nothing to record: out_graph refills the buffers the captured kernels read."""
+
+
+@dataclass
+class DraftGraphBuffers:
+    """Persistent tensors the captured draft steps read (sized for the largest graph batch)."""
+
+    lengths: torch.Tensor  # int32 [steps, max_bs]: row s = step s's KV lengths
+    cu_lengths: torch.Tensor  # int32 [steps, max_bs + 1]
+    page_table: torch.Tensor  # int32 [max_bs, max_context_len / page_size], shared by every step
+    metadata: dict = field(default_factory=dict)  # captured batch size -> [AttnplugForwardMetadata per step]

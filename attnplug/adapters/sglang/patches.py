@@ -12,6 +12,7 @@ from attnplug.adapters.patching import Patch, Rebinding
 _FA = "sglang.srt.layers.attention.flashattention_backend"
 _NSA = "sglang.srt.layers.attention.nsa_backend"
 _TRITON = "sglang.srt.layers.attention.triton_backend"
+_DRAFT_UTILS = "sglang.srt.speculative.draft_utils"
 _REPLACEMENTS = "attnplug.adapters.sglang"
 
 NORMAL_DECODE_SET_METADATA_SIGNATURE = (
@@ -19,7 +20,31 @@ NORMAL_DECODE_SET_METADATA_SIGNATURE = (
     "max_seq_pages", "seq_lens", "seq_len_delta", "page_size", "swa_page_table", "token_to_kv_pool",
 )  # fmt: skip
 
+# Applied by the backend's registration (needed for --attention-backend attnplug with speculative decoding);
+# it acts only when SGLang resolves the draft backend name to "attnplug".
+DRAFT_BACKENDS = Patch(
+    id="sglang.attnplug.draft_backends",
+    engine="sglang",
+    rebinds=(
+        Rebinding(
+            targets=(f"{_DRAFT_UTILS}:DraftBackendFactory._create_backend",),
+            replacement=f"{_REPLACEMENTS}.draft_backends:draft_backend_factory",
+            signature=("self", "backend_name", "backend_map", "error_template", "stamps_children"),
+        ),
+    ),
+    versions="==0.5.23",
+    upstream="none (SGLang has no registry for draft backends)",
+    why=(
+        "SGLang builds the draft-decode and draft-extend backends of EAGLE / STANDALONE speculative decoding from "
+        "fixed name tables (DraftBackendFactory), so --attention-backend attnplug with --speculative-algorithm "
+        "failed there. The patch adds attnplug's multi-step draft backend (one fused_decode_metadata launch for all "
+        "draft steps of a round) and its draft-extend backend to those tables; other backend names are untouched."
+    ),
+    remove_when="SGLang offers a registry for draft attention backends.",
+)
+
 PATCHES: list[Patch] = [
+    DRAFT_BACKENDS,
     Patch(
         id="sglang.fa.decode_metadata",
         engine="sglang",

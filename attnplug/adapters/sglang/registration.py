@@ -1,9 +1,11 @@
 """Registering attnplug's SGLang attention backend ``attnplug`` (``--attention-backend attnplug``).
 
-Two registrations, both idempotent, both needed in SGLang's processes (its ``sglang.srt.plugins``
+Three registrations, all idempotent, all needed in SGLang's processes (its ``sglang.srt.plugins``
 entry point runs in each of them): the factory in ``ATTENTION_BACKENDS`` (read in the scheduler
-process, which builds the model runner) and the CLI whitelist entry (read by the launch process's
-argument parser, which SGLang builds after loading plugins). SGLang is imported here only when
+process, which builds the model runner), the CLI whitelist entry (read by the launch process's
+argument parser, which SGLang builds after loading plugins), and the declared patch
+``sglang.attnplug.draft_backends`` (speculative decoding's draft backends; skipped with its reason
+on releases it does not cover). SGLang is imported here only when
 the entry point runs; the backend module itself is imported only when the factory is called.
 """
 
@@ -38,3 +40,19 @@ def register_attention_backend() -> None:
         attention_registry.register_attention_backend(BACKEND_NAME)(create_attnplug_backend)
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([BACKEND_NAME])
+    register_draft_backends()
+
+
+def register_draft_backends() -> None:
+    """Apply ``sglang.attnplug.draft_backends`` (attnplug in SGLang's draft-backend tables)."""
+    from attnplug import report
+    from attnplug._log import logger
+    from attnplug.adapters.patching import apply_patches
+    from attnplug.adapters.sglang.patches import DRAFT_BACKENDS
+
+    outcome = apply_patches([DRAFT_BACKENDS])
+    report.record_patches(outcome)
+    for result in outcome.results:
+        if not result.active:
+            logger.info("%s skipped (speculative decoding with --attention-backend attnplug unavailable): %s",
+                        result.patch_id, result.reason)
