@@ -2,7 +2,9 @@
 
 A verify step gives each request ``q_len = 1 + k`` query tokens (k draft tokens) over the same KV
 a decode reads. Llama-3-8B head layout (32 q heads, 8 kv heads, head 128, page 16), bf16, vLLM's
-KV layout with randomly permuted pages (``bench_paged_attention.KVPool``).
+KV layout with randomly permuted pages (``bench_paged_attention.KVPool``); ``--layout sglang
+--page-size 1|16`` runs the same points on SGLang's token pool (separate ``[num_tokens, kv_heads,
+head]`` K and V buffers viewed as pages), as the ``attnplug`` SGLang backend reads it.
 
 Providers, side by side at every point:
   attnplug         ``plan_attention(..., max_decode_query_len=q_len)``: verify rows as decodes
@@ -57,9 +59,9 @@ def log(*args):
 class Shape:
     """Head layout, dtype and device of one run (Llama-3-8B on the GPU, tiny for the CPU smoke run)."""
 
-    def __init__(self, smoke: bool):
-        self.smoke = smoke
-        self.num_q_heads, self.num_kv_heads, self.head_size, self.page_size = (8, 2, 32, 16) if smoke else (32, 8, 128, 16)
+    def __init__(self, smoke: bool, layout: str = "vllm", page_size: int = 16):
+        self.smoke, self.layout, self.page_size = smoke, layout, page_size
+        self.num_q_heads, self.num_kv_heads, self.head_size = (8, 2, 32) if smoke else (32, 8, 128)
         self.dtype = torch.float32 if smoke else torch.bfloat16
         self.device = torch.device("cpu" if smoke else "cuda")
         self.scale = self.head_size ** -0.5
@@ -69,14 +71,20 @@ class Shape:
 
 
 class Pool:
-    """One KV cache ``[num_blocks, 2, page, kv_heads, head]`` for the largest point, pages permuted."""
+    """One KV cache for the largest point, pages permuted: vLLM's ``[num_blocks, 2, page, kv_heads, head]``
+    or SGLang's token pool (K and V ``[num_tokens, kv_heads, head]`` each, viewed as pages)."""
 
     def __init__(self, shape: Shape, num_tokens: int):
         self.shape = shape
         self.num_pages = triton.cdiv(num_tokens, shape.page_size)
-        kv = torch.randn(self.num_pages, 2, shape.page_size, shape.num_kv_heads, shape.head_size, device=shape.device)
-        kv = kv.to(shape.dtype)
-        self.k, self.v = kv[:, 0], kv[:, 1]
+        if shape.layout == "vllm":
+            kv = torch.randn(self.num_pages, 2, shape.page_size, shape.num_kv_heads, shape.head_size,
+                             device=shape.device).to(shape.dtype)
+            self.k, self.v = kv[:, 0], kv[:, 1]
+        else:
+            k_buffer, v_buffer = (torch.randn(self.num_pages * shape.page_size, shape.num_kv_heads, shape.head_size,
+                                              device=shape.device).to(shape.dtype) for _ in range(2))
+            self.k, self.v = (buffer.unflatten(0, (self.num_pages, shape.page_size)) for buffer in (k_buffer, v_buffer))
         self.perm = torch.randperm(self.num_pages, device=shape.device).to(torch.int32)
 
     def batch(self, query_lens, seq_lens):
@@ -278,8 +286,10 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a subset of the grid")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
     parser.add_argument("--before", help="directory holding attnplug_before_attention (the old kernels)")
+    parser.add_argument("--layout", choices=("vllm", "sglang"), default="vllm", help="KV cache layout")
+    parser.add_argument("--page-size", type=int, default=16)
     args = parser.parse_args(argv)
-    shape = Shape(args.smoke)
+    shape = Shape(args.smoke, args.layout, args.page_size)
     if args.smoke:
         query_lens, batches, contexts = [1, 3], [2], [80]
         ragged, mixed, prefill_len = [(3, 80, 4)], [(2, 80, 3)], 24
@@ -304,7 +314,8 @@ def main(argv=None):
     log(f"device {shape.device} ({torch.cuda.get_device_name() if not args.smoke else 'interpreter'}), "
         f"torch {torch.__version__}, triton {triton.__version__}; stock: {', '.join(stock) or 'none'}")
     rows = []
-    csv_path = os.path.join(args.out, "verify_attention.csv")
+    name = "verify_attention" if args.layout == "vllm" else f"verify_attention_{args.layout}_page{args.page_size}"
+    csv_path = os.path.join(args.out, f"{name}.csv")
     try:
         sections = args.sections.split(",")
         if "grid" in sections:
@@ -316,7 +327,7 @@ def main(argv=None):
     finally:
         write_csv(rows, csv_path)
         if not args.smoke:
-            plot(rows, os.path.join(args.out, "verify_attention.png"))
+            plot(rows, os.path.join(args.out, f"{name}.png"))
     log(f"wrote {csv_path}")
     return rows
 

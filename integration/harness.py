@@ -39,6 +39,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INTEGRATION_DIR = REPO_ROOT / "integration"
+MODEL_DIR_ARG = "{model_dir}"  # in a server config's args: replaced by the served model's directory at launch
 TINY_MODEL_BUILDER = INTEGRATION_DIR / "tiny_model.py"
 
 CACHE_DIR_ENV = "ATTNPLUG_CACHE_DIR"

@@ -157,7 +157,8 @@ def launch(config: SglangConfig, *, python: Path, model_dir: Path, scratch: Path
         str(python), "-m", "sglang.launch_server",
         "--model-path", str(model_dir), "--served-model-name", model_name(model_dir),
         *BASE_ARGS, "--attention-backend", config.backend,
-        "--host", "127.0.0.1", "--port", str(port), *config.args,
+        "--host", "127.0.0.1", "--port", str(port),
+        *(arg.replace(harness.MODEL_DIR_ARG, str(model_dir)) for arg in config.args),
     )
     # A start takes 30-60 s on an idle 2-core machine and several minutes beside other servers.
     return harness.Launch(argv=argv, env=server_env(config, scratch, report_dir), port=port,

