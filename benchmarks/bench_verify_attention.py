@@ -303,7 +303,9 @@ def main(argv=None):
     stock = {}
     for name, vendor in VENDOR.items():
         vendor_dir = os.path.join(ROOT, ".vendor", vendor)
-        if os.path.isdir(vendor_dir):
+        if args.layout != "vllm":
+            log(f"{name}: not compared on the {args.layout} layout (vLLM's kernels serve vLLM's cache)")
+        elif os.path.isdir(vendor_dir):
             stock[name] = VllmStock(name, load_unified_attention(vendor_dir), shape, max_query_len)
         else:
             log(f"{name}: {vendor_dir} missing (run benchmarks/fetch_stock.py), not compared")
