@@ -39,9 +39,24 @@ TORCH_NATIVE_DISABLED = SglangConfig.make(
 ATTNPLUG = SglangConfig.make("attnplug", "attnplug", env={"SGLANG_PLUGINS": ATTNPLUG_PLUGIN},
                              args=("--enable-mixed-chunk",), report=True)
 BOGUS_PATCH = SglangConfig.make("bogus-patch", "attnplug", env={"ATTNPLUG_PATCHES": "bogus"})
+# Speculative decoding: the tiny model drafts for itself, 3 steps (4 verify tokens per request with chain drafts)
+DRAFT_STEPS, VERIFY_TOKENS = 3, 4
+
+
+def standalone_args(topk: int) -> tuple[str, ...]:
+    return ("--speculative-algorithm", "STANDALONE", "--speculative-draft-model-path", harness.MODEL_DIR_ARG,
+            "--speculative-num-steps", str(DRAFT_STEPS), "--speculative-eagle-topk", str(topk),
+            "--speculative-num-draft-tokens", str(VERIFY_TOKENS))
+
+
+ATTNPLUG_STANDALONE = SglangConfig.make("attnplug-standalone", "attnplug", env={"SGLANG_PLUGINS": ATTNPLUG_PLUGIN},
+                                        args=standalone_args(topk=1), report=True)
+# tree drafts: refused at start-up, naming the flag to change
+ATTNPLUG_TREE_DRAFTS = SglangConfig.make("attnplug-standalone-topk2", "attnplug", env={"SGLANG_PLUGINS": ATTNPLUG_PLUGIN},
+                                         args=standalone_args(topk=2))
 
 SAME_TOKENS_AS_STOCK = [TORCH_NATIVE_DISABLED, ATTNPLUG]
-CONCURRENCY_CONFIGS = {ATTNPLUG}
+CONCURRENCY_CONFIGS = {ATTNPLUG, ATTNPLUG_STANDALONE}
 
 
 def label(config: SglangConfig) -> str:
@@ -149,3 +164,53 @@ def test_bogus_patch_id_fails_at_startup(live_servers: harness.LiveServers) -> N
     error = live_servers.start_error(BOGUS_PATCH)
     assert error.returncode not in (None, 0), f"expected a non-zero exit, got {error.returncode}"
     assert "names unknown patch id(s) 'bogus'" in error.log, error.log[-5000:]
+
+
+# --------------------------------------------------------------------------------------------------
+# Speculative decoding (STANDALONE: the tiny model as its own draft)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("server", [ATTNPLUG_STANDALONE], indirect=True, ids=label)
+def test_speculative_decoding_gives_the_tokens_of_plain_decoding(server: harness.ServerRun,
+                                                                live_servers: harness.LiveServers) -> None:
+    """Greedy tokens with speculative decoding equal torch_native's without it (prompts, chat), and the
+    16 concurrent requests equal attnplug's without speculative decoding."""
+    plain = live_servers.run(TORCH_NATIVE_DISABLED)
+    assert [g.key for g in server.completions] == [g.key for g in plain.completions], (
+        f"speculative:\n{harness.describe(server.completions, PROMPTS)}\n"
+        f"torch_native:\n{harness.describe(plain.completions, PROMPTS)}"
+    )
+    assert server.chat.key == plain.chat.key, f"speculative: {server.chat}\ntorch_native: {plain.chat}"
+    no_speculation = live_servers.run(ATTNPLUG)
+    assert [g.key for g in server.concurrent] == [g.key for g in no_speculation.sequential], (
+        f"speculative, concurrent:\n{harness.describe(server.concurrent, CONCURRENT_PROMPTS)}\n"
+        f"attnplug without speculation:\n{harness.describe(no_speculation.sequential, CONCURRENT_PROMPTS)}"
+    )
+
+
+@pytest.mark.parametrize("server", [ATTNPLUG_STANDALONE], indirect=True, ids=label)
+def test_speculative_rounds_ran_through_attnplug(server: harness.ServerRun) -> None:
+    """The scheduler's report: verify batches planned into the split-KV kernel (4 query rows each), every
+    draft round's steps prepared by one metadata launch, draft extends served, nothing fell back."""
+    assert "falls back to SGLang's torch_native" not in server.log
+    assert re.search(r"accept len: [0-9.]+", server.log), "SGLang logged no speculative acceptance"
+    schedulers = _scheduler_reports(server)
+    assert len(schedulers) == 1, server.reports
+    scheduler = schedulers[0]
+    assert scheduler["patches"]["sglang.attnplug.draft_backends"]["status"] == "applied", scheduler["patches"]
+    spec, split_kv, calls = scheduler["speculative"], scheduler["split_kv"], scheduler["op_calls"]
+    assert spec.get("verify_batches", 0) >= MAX_TOKENS // VERIFY_TOKENS, spec
+    assert spec.get("draft_extend_batches", 0) >= spec["verify_batches"] - 1, spec
+    assert spec.get("draft_rounds", 0) >= spec["verify_batches"] - 1, spec
+    assert spec["draft_steps"] == (DRAFT_STEPS - 1) * spec["draft_rounds"], spec
+    assert split_kv.get("tokens", 0) >= VERIFY_TOKENS * split_kv.get("sequences", 0) > 0, split_kv
+    # one plan per draft step, verify and extend; every layer of each planned batch through paged_attention
+    assert calls["paged_attention"] == calls["plan_attention"] * NUM_LAYERS, calls
+
+
+def test_tree_drafts_are_refused_at_startup(live_servers: harness.LiveServers) -> None:
+    """topk 2 (tree drafts): the server exits at start-up with a message naming the flag to change."""
+    error = live_servers.start_error(ATTNPLUG_TREE_DRAFTS)
+    assert error.returncode not in (None, 0), f"expected a non-zero exit, got {error.returncode}"
+    assert "set --speculative-eagle-topk 1" in error.log, error.log[-5000:]

@@ -9,7 +9,9 @@ version computes, with the signature SGLang's CPU branch calls it with):
 - the speculative-decoding ops ``assign_draft_cache_locs_contiguous_cpu``,
   ``assign_extend_cache_locs_cpu``, ``build_tree_kernel_efficient_cpu``,
   ``verify_tree_greedy_cpu``, ``fill_accept_out_cache_loc_cpu``, ``fill_bonus_tokens_cpu`` and
-  ``rotate_input_ids_cpu``.
+  ``rotate_input_ids_cpu``;
+- ``sgl_kernel.speculative.reconstruct_indices_from_tree_mask`` (NGRAM's verify tree; a submodule
+  made here, in ``sys.modules``).
 
 The names in ``IMPORT_ONLY`` and ``sgl_kernel.flash_attn``'s functions import but raise when
 called; any other name is missing.
@@ -18,6 +20,8 @@ called; any other name is missing.
 from __future__ import annotations
 
 import ctypes
+import sys
+import types
 
 import torch
 
@@ -371,6 +375,48 @@ def rotate_input_ids_cpu(
     live = lengths > 0
     last = select_index.reshape(-1).to(torch.int64) if select_index is not None else start + lengths - 1
     input_ids[last[live]] = topk_index.reshape(-1)[live].to(input_ids.dtype)
+
+
+def reconstruct_indices_from_tree_mask(
+    tree_mask: torch.Tensor,
+    verified_seq_len: torch.Tensor,
+    positions: torch.Tensor,
+    retrive_index: torch.Tensor,
+    retrive_next_token: torch.Tensor,
+    retrive_next_sibling: torch.Tensor,
+    batch_size: int,
+    draft_token_num: int,
+) -> None:
+    """NGRAM: a draft tree's links and positions from its ``n x n`` ancestor mask (in place).
+
+    As SGLang's ``reconstruct_indices_from_tree_mask`` (its Triton twin in
+    sglang/kernels/ops/speculative/reconstruct_tree.py): with ``anc[i, j] = mask[b, i, j] & (j < i)``,
+    ``positions = #anc[i, :] + verified_seq_len[b]``, ``retrive_index = b*n + i``, first child
+    ``= min{k > i : anc[k, i]}``, next sibling ``= min{k > i : parent[k] == parent[i]}`` where
+    ``parent[i] = max{j : anc[i, j]}`` (-1 for none, and no sibling when ``parent[i] == -1``).
+    """
+    n, bs = draft_token_num, batch_size
+    if bs == 0:
+        return
+    device = verified_seq_len.device
+    idx = torch.arange(n, device=device)
+    mask = tree_mask.reshape(-1)[: bs * n * n].view(bs, n, n).to(torch.bool)
+    anc = mask & (idx.view(1, 1, n) < idx.view(1, n, 1))  # [b, i (row), j (col)]
+    positions.view(bs, n).copy_(anc.sum(-1) + verified_seq_len.reshape(-1, 1).to(torch.int64))
+    retrive_index.view(bs, n).copy_(torch.arange(bs, device=device).view(-1, 1) * n + idx)
+    parent = torch.where(anc, idx.view(1, 1, n), -1).amax(-1)  # [b, i]
+    rows = idx.view(1, n, 1).expand(bs, n, n)
+    first_child = torch.where(anc, rows, n).amin(1)  # over rows k, per column i
+    retrive_next_token.view(bs, n).copy_(torch.where(first_child < n, first_child, -1))
+    same_parent = (parent.unsqueeze(2) == parent.unsqueeze(1)) & (idx.view(1, n, 1) > idx.view(1, 1, n))
+    first_sibling = torch.where(same_parent, rows, n).amin(1)
+    retrive_next_sibling.view(bs, n).copy_(torch.where((parent >= 0) & (first_sibling < n), first_sibling, -1))
+
+
+# ``from sgl_kernel.speculative import reconstruct_indices_from_tree_mask`` (reconstruct_tree.py, 0.5.23)
+speculative = types.ModuleType(f"{__name__}.speculative", "NGRAM ops of " + STAND_IN)
+speculative.reconstruct_indices_from_tree_mask = reconstruct_indices_from_tree_mask
+sys.modules[speculative.__name__] = speculative
 
 
 # Imported at module level by SGLang (0.5.9 / 0.5.23) on the CPU engine's import path but never
