@@ -5,7 +5,8 @@ version computes, with the signature SGLang's CPU branch calls it with):
 
 - ``assign_req_to_token_pool_cpu``: what the CPU engine needs to serve at all;
 - ``copy_all_layer_kv_cache_cpu``: KV row moves inside every layer buffer (the KV pool's
-  ``move_kv_cache``; run once at start-up when speculative decoding is on);
+  ``move_kv_cache``: once at start-up when speculative decoding is on, then after each verify of
+  a tree (topk > 1) or NGRAM draft);
 - the speculative-decoding ops ``assign_draft_cache_locs_contiguous_cpu``,
   ``assign_extend_cache_locs_cpu``, ``build_tree_kernel_efficient_cpu``,
   ``verify_tree_greedy_cpu``, ``fill_accept_out_cache_loc_cpu``, ``fill_bonus_tokens_cpu`` and
