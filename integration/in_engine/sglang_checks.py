@@ -526,8 +526,9 @@ def _layer(layer_id: int, sliding_window_size=None):
 
     return SimpleNamespace(layer_id=layer_id, is_cross_attention=False, attn_type=AttentionType.DECODER,
                            sliding_window_size=sliding_window_size, tp_q_head_num=Q_HEADS, tp_k_head_num=KV_HEADS,
-                           tp_v_head_num=KV_HEADS, head_dim=HEAD_DIM, v_head_dim=HEAD_DIM, scaling=HEAD_DIM**-0.5,
-                           logit_cap=0.0, k_scale=None, v_scale=None)
+                           tp_v_head_num=KV_HEADS, head_dim=HEAD_DIM, qk_head_dim=HEAD_DIM, v_head_dim=HEAD_DIM,
+                           scaling=HEAD_DIM**-0.5, logit_cap=0.0, logit_capping_method="tanh", use_irope=False,
+                           xai_temperature_len=-1, k_scale=None, v_scale=None)
 
 
 def _decode_all_layers(backend, batch, queries, layers=None) -> list[torch.Tensor]:
@@ -899,3 +900,137 @@ def test_kv_splits_give_the_same_decode_attention_as_the_stock_plan():
     torch.testing.assert_close(stock.double(), reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours.double(), reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# The attnplug backend's speculative-decoding paths (0.5.23): verify and draft steps, eager and the
+# CUDA-graph contract (capture plans with fill-value lengths, replay refills, padding lanes)
+# --------------------------------------------------------------------------------------------------
+
+VERIFY_TOKENS = 4  # --speculative-num-draft-tokens (chain drafts: --speculative-num-steps 3)
+
+
+class _TokenPool:
+    """A real MHATokenToKVPool (one layer, float32, page 1) with random K/V, request rows of random slots."""
+
+    def __init__(self, generator: torch.Generator, rows: int = 6, max_context: int = 40):
+        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+        self.pool = MHATokenToKVPool(size=rows * max_context + 8, page_size=1, dtype=torch.float32, head_num=KV_HEADS,
+                                     head_dim=HEAD_DIM, layer_num=1, device="cpu", enable_memory_saver=False)
+        for buffer in (self.pool.get_key_buffer(0), self.pool.get_value_buffer(0)):
+            buffer.copy_(torch.randn(buffer.shape, generator=generator))
+        slots = torch.randperm(rows * max_context, generator=generator) + 1  # slot 0: SGLang's padding slot
+        self.req_to_token = slots.view(rows, max_context).int()
+        self.req_to_token[0] = 0  # row 0: the padding row graph lanes point at
+
+    def model_runner(self):
+        from sglang.srt.configs.model_config import AttentionArch
+        from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+        return SimpleNamespace(
+            device=torch.device("cpu"), req_to_token_pool=SimpleNamespace(req_to_token=self.req_to_token),
+            token_to_kv_pool=self.pool, kv_index_translator=None, page_size=1, max_total_num_tokens=self.pool.size,
+            model_config=SimpleNamespace(attention_arch=AttentionArch.MHA, get_max_num_attention_heads=lambda: Q_HEADS),
+            spec_algorithm=SpeculativeAlgorithm.STANDALONE,
+        )
+
+    def reference(self, q, seq_lens, req_pool_indices, queries_per_row: int, kv_extra: int) -> torch.Tensor:
+        """float64: row r's query j sits at seq_lens[r] + kv_extra - queries_per_row + j, causal.
+        q [bs * queries_per_row, H * D] -> same shape."""
+        k, v = self.pool.get_key_buffer(0), self.pool.get_value_buffer(0)
+        out = []
+        for r, (length, row) in enumerate(zip(seq_lens.tolist(), req_pool_indices.tolist())):
+            total = length + kv_extra
+            for j in range(queries_per_row):
+                visible = total - queries_per_row + j + 1
+                slots = [self.req_to_token[row, :visible].long()]
+                qj = q[r * queries_per_row + j].view(1, Q_HEADS, HEAD_DIM)
+                out.append(_reference_decode(qj, k, v, slots, HEAD_DIM**-0.5).reshape(-1))
+        return torch.stack(out)
+
+
+@pytest.fixture
+def speculative_setup(monkeypatch):
+    """SGLang's runtime context as a STANDALONE server publishes it (TP 1, topk 1, 4 verify tokens)."""
+    from sglang.srt import runtime_context
+
+    monkeypatch.setattr(runtime_context, "get_parallel", lambda: SimpleNamespace(attn_tp_size=1, attn_dcp_size=1))
+    monkeypatch.setattr(runtime_context, "get_spec", lambda: SimpleNamespace(
+        speculative_num_draft_tokens=VERIFY_TOKENS, speculative_eagle_topk=1, enable_multi_layer_eagle=False,
+        speculative_draft_window_size=None))
+    return _TokenPool(torch.Generator().manual_seed(23))
+
+
+def _batch(mode, seq_lens, req_pool_indices, spec_info):
+    return SimpleNamespace(forward_mode=mode, batch_size=seq_lens.shape[0], seq_lens=seq_lens,
+                           seq_lens_cpu=seq_lens.clone(), req_pool_indices=req_pool_indices, spec_info=spec_info,
+                           encoder_lens=None)
+
+
+@new_release
+def test_attnplug_verify_eager_and_graph_replay_match_reference(speculative_setup):
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from attnplug.adapters.sglang.backend import AttnplugAttnBackend
+
+    tokens, generator = speculative_setup, torch.Generator().manual_seed(5)
+    backend = AttnplugAttnBackend(tokens.model_runner())
+    assert backend.workspace.max_decode_query_len == VERIFY_TOKENS
+    spec_info = SimpleNamespace(num_tokens_per_req=VERIFY_TOKENS, draft_token_num=VERIFY_TOKENS)
+    seq_lens, rows = torch.tensor([30, 3, 17]), torch.tensor([4, 2, 5])  # prefixes (without the verify tokens)
+    q = torch.randn(3 * VERIFY_TOKENS, Q_HEADS * HEAD_DIM, generator=generator)
+    want = tokens.reference(q, seq_lens, rows, VERIFY_TOKENS, kv_extra=VERIFY_TOKENS)
+    before = dict(report.speculative)
+    backend.init_forward_metadata(_batch(ForwardMode.TARGET_VERIFY, seq_lens, rows, spec_info))
+    eager = backend.forward_extend(q, None, None, _layer(0), SimpleNamespace(forward_mode=ForwardMode.TARGET_VERIFY),
+                                   save_kv_cache=False)
+    torch.testing.assert_close(eager.double(), want, atol=1e-4, rtol=1e-4)
+
+    # graphs: capture bs 4 with the fill value, replay the same 3 requests plus one padding lane
+    backend.init_cuda_graph_state(max_bs=4, max_num_tokens=4 * VERIFY_TOKENS)
+    fill = backend.get_cuda_graph_seq_len_fill_value()
+    backend.init_forward_metadata_out_graph(_batch(ForwardMode.TARGET_VERIFY, torch.full((4,), fill),
+                                                   torch.zeros(4, dtype=torch.int64), spec_info), in_capture=True)
+    padded_lens, padded_rows = torch.cat([seq_lens, torch.tensor([fill])]), torch.cat([rows, torch.tensor([0])])
+    backend.init_forward_metadata_out_graph(_batch(ForwardMode.TARGET_VERIFY, padded_lens, padded_rows, spec_info))
+    padded_q = torch.cat([q, torch.randn(VERIFY_TOKENS, Q_HEADS * HEAD_DIM, generator=generator)])
+    replayed = backend.forward_extend(padded_q, None, None, _layer(0),
+                                      SimpleNamespace(forward_mode=ForwardMode.TARGET_VERIFY), save_kv_cache=False)
+    torch.testing.assert_close(replayed[: 3 * VERIFY_TOKENS].double(), want, atol=1e-4, rtol=1e-4)
+    assert report.speculative["verify_batches"] == before.get("verify_batches", 0) + 2  # eager + replay
+    backend.update_verify_buffers_to_fill_after_draft(spec_info, 4)  # SGLang's base class raises here
+
+
+@new_release
+@pytest.mark.parametrize("graph", [False, True])
+def test_attnplug_draft_steps_match_reference(speculative_setup, graph):
+    """Draft step s of a round reads seq_lens + s + 1 tokens; one metadata launch prepares every step."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from attnplug.adapters.sglang.backend import AttnplugMultiStepDraftBackend
+
+    tokens, generator = speculative_setup, torch.Generator().manual_seed(6)
+    draft = AttnplugMultiStepDraftBackend(tokens.model_runner(), topk=1, speculative_num_steps=3)
+    assert len(draft.attn_backends) == 2 and draft.attn_backends[1].workspace is draft.attn_backends[0].workspace
+    spec_info = SimpleNamespace(is_draft_input=lambda: True)
+    seq_lens, rows = torch.tensor([9, 33, 1]), torch.tensor([3, 1, 5])
+    calls = report.op_calls["fused_decode_metadata"]
+    if graph:
+        draft.init_cuda_graph_state(max_bs=4, max_num_tokens=4)
+        fill = draft.attn_backends[0].get_cuda_graph_seq_len_fill_value()
+        draft.init_forward_metadata_out_graph(_batch(ForwardMode.DECODE, torch.full((4,), fill),
+                                                     torch.zeros(4, dtype=torch.int64), spec_info), in_capture=True)
+        seq_lens, rows = torch.cat([seq_lens, torch.tensor([fill])]), torch.cat([rows, torch.tensor([0])])
+        calls = report.op_calls["fused_decode_metadata"]
+        draft.init_forward_metadata_out_graph(_batch(ForwardMode.DECODE, seq_lens, rows, spec_info))
+    else:
+        draft.init_forward_metadata(_batch(ForwardMode.DECODE, seq_lens, rows, spec_info))
+    assert report.op_calls["fused_decode_metadata"] == calls + 1, "one launch for every step of the round"
+    real = 3
+    for step, child in enumerate(draft.attn_backends):
+        q = torch.randn(seq_lens.shape[0], Q_HEADS * HEAD_DIM, generator=generator)
+        out = child.forward_decode(q, None, None, _layer(0), SimpleNamespace(forward_mode=ForwardMode.DECODE),
+                                   save_kv_cache=False)
+        want = tokens.reference(q[:real], seq_lens[:real], rows[:real], 1, kv_extra=step + 1)
+        torch.testing.assert_close(out[:real].double(), want, atol=1e-4, rtol=1e-4)

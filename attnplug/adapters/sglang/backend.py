@@ -360,7 +360,7 @@ class AttnplugAttnBackend(AttentionBackend):
             forward_batch.req_pool_indices[:bs], forward_batch.seq_lens[:bs],
             _cdiv(max_seqlen_k, self.page_size), seq_len_delta=delta, page_size=self.page_size,
         )
-        if mode.is_target_verify():
+        if mode.is_target_verify() and not in_capture:
             report.count_speculative("verify_batches")
         self.forward_metadata = graph.metadata[(bs, queries)]
 
@@ -534,8 +534,10 @@ class AttnplugMultiStepDraftBackend:
             forward_batch.req_pool_indices[:bs], forward_batch.seq_lens[:bs], _cdiv(max_seqlen_k, self.page_size),
             seq_len_delta=1, page_size=self.page_size,
         )
+
+    def _count_round(self) -> None:
         report.count_speculative("draft_rounds")
-        report.count_speculative("draft_steps", steps)
+        report.count_speculative("draft_steps", len(self.attn_backends))
 
     def _bind(self, metadata: list) -> None:
         for child, step_metadata in zip(self.attn_backends, metadata):
@@ -551,6 +553,7 @@ class AttnplugMultiStepDraftBackend:
         block_table = torch.empty((bs, _cdiv(max_seqlen_k, self.page_size)), dtype=torch.int32, device=self.device)
         self._fill(forward_batch, self.lengths, self.cu_lengths, block_table, bs)
         self._bind(self._plan_steps(bs, self.lengths, block_table, max_seqlen_k))
+        self._count_round()
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
         for child in self.attn_backends[:1]:  # the shared workspace, grown if the graphs need more
@@ -574,6 +577,8 @@ class AttnplugMultiStepDraftBackend:
             graph.metadata[bs] = self._plan_steps(bs, graph.lengths, graph.page_table[:bs], self.max_context_len)
         self._fill(forward_batch, graph.lengths, graph.cu_lengths, graph.page_table, bs)
         self._bind(graph.metadata[bs])
+        if not in_capture:
+            self._count_round()
 
     def init_forward_metadata_in_graph(self, forward_batch):
         """Nothing to record: out_graph refills the buffers the captured kernels read."""
