@@ -24,7 +24,6 @@ file, not committed). Usage: PYTHONPATH=. python3 benchmarks/bench_decode_metada
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 
@@ -41,24 +40,14 @@ from benchmarks.common import (
     environment,
     graph_us,
     host_us_per_call,
+    load_sglang_normal_decode_set_metadata,
     out_dir,
     write_csv,
 )
 
-SGLANG_FILE = ".vendor/sglang_metadata/metadata.py"
 MAX_CONTEXT = 8192
 BATCHES = [1, 8, 32, 128, 256]
 PAGE_SIZES = [1, 64]
-
-
-def load_sglang():
-    if not os.path.exists(SGLANG_FILE):
-        print(f"[warn] {SGLANG_FILE} missing: SGLang provider skipped")
-        return None
-    spec = importlib.util.spec_from_file_location("sglang_metadata_vendored", SGLANG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.normal_decode_set_metadata
 
 
 def make_batch(bs, page_size, device="cuda", seed=0):
@@ -220,7 +209,7 @@ def main():
         write_csv(os.path.join(args.out, "launch_overhead.csv"), rows)
     if "decode" in sections:
         rows = []
-        bench_decode(rows, load_sglang())
+        bench_decode(rows, load_sglang_normal_decode_set_metadata())
         write_csv(os.path.join(args.out, "decode_metadata.csv"), rows)
         plot(rows, os.path.join(args.out, "decode_metadata.png"))
 

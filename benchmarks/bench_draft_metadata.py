@@ -23,7 +23,6 @@ Usage: PYTHONPATH=. python3 benchmarks/bench_draft_metadata.py [--out DIR] [--sm
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -33,26 +32,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from attnplug.core.decode_metadata import fused_decode_metadata
-from benchmarks.common import eager_us, graph_us, host_us_per_call, out_dir, write_csv
+from benchmarks.common import (eager_us, graph_us, host_us_per_call, load_sglang_normal_decode_set_metadata, out_dir,
+                               write_csv)
 
-SGLANG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           ".vendor", "sglang_metadata", "metadata.py")
 STEPS = [3, 5]  # --speculative-num-steps T: T - 1 draft-decode steps with attention
 BATCHES = [1, 4, 16, 64]
 PAGE_SIZES = [1, 16]
 MAX_LENS = [1000, 8000]  # longest sequence of the batch (lengths random below it)
 CONTEXT = 32768  # max_context_len: SGLang's page tables are this wide
 SMOKE = dict(steps=[3], batches=[3], page_sizes=[1, 16], max_lens=[40], context=128)
-
-
-def load_sglang():
-    if not os.path.exists(SGLANG_FILE):
-        print(f"[warn] {SGLANG_FILE} missing (run benchmarks/fetch_stock.py): SGLang provider skipped")
-        return None
-    spec = importlib.util.spec_from_file_location("sglang_metadata_vendored", SGLANG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.normal_decode_set_metadata
 
 
 class DraftBatch:
@@ -118,7 +106,7 @@ def run(args) -> list[dict]:
     grid = SMOKE if args.smoke else dict(steps=STEPS, batches=BATCHES, page_sizes=PAGE_SIZES, max_lens=MAX_LENS,
                                          context=CONTEXT)
     device = "cpu" if args.smoke else "cuda"
-    stock = load_sglang()
+    stock = load_sglang_normal_decode_set_metadata()
     rows = []
     for steps in grid["steps"]:
         for page_size in grid["page_sizes"]:

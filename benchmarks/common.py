@@ -154,3 +154,21 @@ def write_csv(path: str, rows: Iterable[dict]) -> None:
 def out_dir(default: str = "benchmarks/results") -> str:
     """Where results go: ``$OUT`` on the GPU machine, else ``default``."""
     return os.environ.get("OUT") or default
+
+
+SGLANG_METADATA_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    ".vendor", "sglang_metadata", "metadata.py")
+
+
+def load_sglang_normal_decode_set_metadata():
+    """SGLang 0.5.23's fused ``normal_decode_set_metadata`` from ``.vendor`` (``benchmarks/fetch_stock.py``;
+    the module imports only torch and Triton), or None with a warning when it was not fetched."""
+    import importlib.util
+
+    if not os.path.exists(SGLANG_METADATA_FILE):
+        print(f"[warn] {SGLANG_METADATA_FILE} missing (run benchmarks/fetch_stock.py): SGLang provider skipped")
+        return None
+    spec = importlib.util.spec_from_file_location("sglang_metadata_vendored", SGLANG_METADATA_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.normal_decode_set_metadata

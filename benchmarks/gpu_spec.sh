@@ -4,12 +4,7 @@
 # metadata benchmark vs SGLang 0.5.23's FA multi-step backend, and the verify benchmark on SGLang's
 # token pool (page 1 and 16). Results land in $OUT.
 # Usage (repo root, GPU machine, .vendor carried): OUT=dir bash benchmarks/gpu_spec.sh
-set -o pipefail
-OUT=${OUT:-/tmp/out}
-export PYTHONUNBUFFERED=1 PYTHONPATH=.
-mkdir -p "$OUT"
-{ nvidia-smi --query-gpu=name,memory.total --format=csv; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } 2>&1 | tee "$OUT/log.txt"
-status=0
+source "$(dirname "$0")/gpu_prelude.sh"
 timeout ${TEST_TIMEOUT:-240} python3 -m pytest tests/core/test_decode_metadata.py tests/core/test_speculative_steps.py -q -p no:cacheprovider 2>&1 | tail -8 | tee -a "$OUT/log.txt" || status=1
 timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_draft_metadata.py --out "$OUT" 2>&1 | tee -a "$OUT/log.txt" || status=1
 for page in 1 16; do

@@ -3,12 +3,7 @@
 # CUDA graphs, verify and padded batches), then bench_verify_attention.py. Results land in $OUT.
 # Usage (repo root, GPU machine, .vendor and optionally .scratch/before carried):
 #   OUT=dir [TESTS=1] [BENCH_ARGS=--quick] bash benchmarks/gpu_verify.sh
-set -o pipefail
-OUT=${OUT:-/tmp/out}
-export PYTHONUNBUFFERED=1 PYTHONPATH=.
-mkdir -p "$OUT"
-{ nvidia-smi --query-gpu=name,memory.total --format=csv; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } 2>&1 | tee "$OUT/log.txt"
-status=0
+source "$(dirname "$0")/gpu_prelude.sh"
 if [ "${TESTS:-1}" = 1 ]; then
   timeout ${TEST_TIMEOUT:-300} python3 -m pytest tests/core/test_paged_attention.py -q -p no:cacheprovider 2>&1 | tail -15 | tee -a "$OUT/log.txt" || status=1
 fi

@@ -12,6 +12,12 @@ the indirectly parametrized ``server`` fixture::
 The reference is SGLang's Triton backend with attnplug's plugin not loaded (``SGLANG_PLUGINS``
 names another plugin); to add a backend to the differential test, append its config to
 ``SAME_TOKENS_AS_STOCK``.
+
+Speculative decoding (STANDALONE, the tiny model as its own draft, 3 steps, chain drafts) is compared
+with torch_native WITHOUT speculative decoding: stock SGLang 0.5.23's own Triton backend gives other
+tokens with speculative decoding on CPU (its CPU path builds the small verify-mask layout,
+``QLEN_ONLY``, which the Triton backend reads as the full one), while attnplug's chain-draft kernels
+read no mask.
 """
 
 from __future__ import annotations

@@ -989,6 +989,9 @@ def test_attnplug_verify_eager_and_graph_replay_match_reference(speculative_setu
 
     # graphs: capture bs 4 with the fill value, replay the same 3 requests plus one padding lane
     backend.init_cuda_graph_state(max_bs=4, max_num_tokens=4 * VERIFY_TOKENS)
+    from sglang.srt.layers.attention.verify_mask import TreeMaskMode
+
+    assert backend.verify_mask.mode == TreeMaskMode.QLEN_ONLY and not backend.verify_mask.is_read
     fill = backend.get_cuda_graph_seq_len_fill_value()
     backend.init_forward_metadata_out_graph(_batch(ForwardMode.TARGET_VERIFY, torch.full((4,), fill),
                                                    torch.zeros(4, dtype=torch.int64), spec_info), in_capture=True)

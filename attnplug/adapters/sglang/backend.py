@@ -123,6 +123,9 @@ def unsupported_speculative_setup(model_runner) -> str | None:
         return "--enable-multi-layer-eagle"
     if getattr(config, "speculative_draft_window_size", None):
         return "--speculative-draft-window-size"
+    kv_dtype = getattr(model_runner.token_to_kv_pool, "dtype", None)
+    if kv_dtype not in (torch.float16, torch.bfloat16, torch.float32):  # torch_native is no fallback for verify
+        return f"speculative decoding with a {kv_dtype} KV cache; use --kv-cache-dtype auto"
     return None
 
 
@@ -186,6 +189,8 @@ class AttnplugAttnBackend(AttentionBackend):
         self._verify_query_start_locs: dict[int, torch.Tensor] = {}
         self.extend_query_start_loc = torch.zeros(max_seqs + 1, **index)  # [0] stays 0
         self.graph = None  # GraphBuffers after init_cuda_graph_state
+        self.is_draft_runner = bool(getattr(model_runner, "is_draft_worker", False))
+        self._verify_mask = None  # after init_cuda_graph_state of a target backend with speculative decoding
         self.draft_step = None  # a child of AttnplugMultiStepDraftBackend: its step; metadata comes from it
 
         self._fused_decode_metadata = ops.resolve("fused_decode_metadata")
@@ -312,6 +317,15 @@ class AttnplugAttnBackend(AttentionBackend):
                 max(max_bs, self.workspace.max_num_seqs), max(max_num_tokens, self.workspace.max_num_tokens),
                 self.num_q_heads, self.head_dim, device=self.device, max_decode_query_len=self.max_decode_query_len,
             )
+        if self.speculative_query_len > 1:
+            from sglang.srt.layers.attention.verify_mask import maybe_create_verify_mask
+
+            # the small per-request mask layout: chain drafts are causal, the kernels never read it (as FA3)
+            self._verify_mask = maybe_create_verify_mask(
+                is_draft_runner=self.is_draft_runner, skip_prefill=False, max_bs=max_bs,
+                max_context_len=self.max_context_len, num_draft_tokens=self.speculative_query_len, device=self.device,
+                is_read=False,
+            )
         index = {"dtype": torch.int32, "device": self.device}
         self.graph = GraphBuffers(
             seq_lens_i32=torch.full((max_bs,), GRAPH_SEQ_LEN_FILL_VALUE, **index),
@@ -366,6 +380,11 @@ class AttnplugAttnBackend(AttentionBackend):
 
     def init_forward_metadata_in_graph(self, forward_batch: ForwardBatch):
         """Nothing to record: out_graph refills the buffers the captured kernels read."""
+
+    @property
+    def verify_mask(self):
+        """SGLang's ``VerifyMask`` for the draft stage to fill (``QLEN_ONLY``, unread); None before graphs."""
+        return self._verify_mask
 
     def update_verify_buffers_to_fill_after_draft(self, spec_info, cuda_graph_bs):
         """Nothing to fill: a chain draft needs no tree mask (SGLang's base class raises here)."""
