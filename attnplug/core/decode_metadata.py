@@ -38,7 +38,7 @@ _PLANS: dict = {}  # (max_seq_pages, page_size) -> _plan(...)
 _POINTERS = ("seq_lens_ptr", "req_pool_indices_ptr", "req_to_token_ptr", "full_to_swa_ptr", "cache_seqlens_ptr",
              "cu_seqlens_k_ptr", "page_table_ptr", "swa_page_table_ptr")
 _INTS = ("stride_r2t_row", "stride_r2t_col", "stride_pt_row", "stride_pt_col", "stride_swa_row", "stride_swa_col",
-         "stride_cache_step", "stride_cu_step", "num_steps", "batch_size", "max_seq_pages", "seq_len_delta")
+         "stride_cache_step", "stride_cu_step", "batch_size", "max_seq_pages", "seq_len_delta")
 
 
 # Nothing but dtypes and constexprs specialized, so the op's own key is complete (launch_by_key).
@@ -60,11 +60,11 @@ def _fused_decode_metadata_kernel(
     stride_swa_col: tl.int64,
     stride_cache_step: tl.int64,
     stride_cu_step: tl.int64,
-    num_steps: tl.int32,
     batch_size: tl.int32,
     max_seq_pages: tl.int32,
     seq_len_delta: tl.int32,
     PAGE_SHIFT: tl.constexpr,  # log2(page_size)
+    NUM_STEPS: tl.constexpr,  # rows of the lengths outputs (1: a plain decode step)
     BLOCK_BS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
 ):
@@ -77,7 +77,7 @@ def _fused_decode_metadata_kernel(
     scan_column = tl.num_programs(1) - 1
 
     if pid_b == 0 and pid_c == scan_column:
-        for step in range(num_steps):
+        for step in tl.static_range(NUM_STEPS):
             tl.store(cu_seqlens_k_ptr + step * stride_cu_step, 0)
         total = 0
         for start in range(0, batch_size, BLOCK_BS):
@@ -86,7 +86,7 @@ def _fused_decode_metadata_kernel(
             seq_lens = tl.load(seq_lens_ptr + offs, mask=in_batch, other=0)
             lens = tl.where(in_batch, (seq_lens + seq_len_delta).to(tl.int32), 0)  # [BLOCK_BS]
             cu_lens = total + tl.cumsum(lens, axis=0)
-            for step in range(num_steps):  # step s: s more tokens per sequence, s * (i + 1) more in the sum
+            for step in tl.static_range(NUM_STEPS):  # step s: s more tokens per sequence, s * (i + 1) more in the sum
                 tl.store(cache_seqlens_ptr + step * stride_cache_step + offs, lens + step, mask=in_batch)
                 tl.store(cu_seqlens_k_ptr + step * stride_cu_step + 1 + offs, cu_lens + step * (offs + 1),
                          mask=in_batch)
@@ -318,11 +318,12 @@ def fused_decode_metadata(
     else:
         num_steps, (cache_step_stride, cu_step_stride) = cache_seqlens_int32.size(0), (
             cache_seqlens_int32.stride(0), cu_seqlens_k.stride(0))
-    tail = (swa_row_stride, swa_col_stride, cache_step_stride, cu_step_stride, num_steps, batch_size, max_seq_pages,
-            seq_len_delta, page_shift, _BLOCK_BS, block_cols)
+    tail = (swa_row_stride, swa_col_stride, cache_step_stride, cu_step_stride, batch_size, max_seq_pages,
+            seq_len_delta, page_shift, num_steps, _BLOCK_BS, block_cols)
     _LAUNCH.launch_by_key(
         # everything Triton specializes this kernel on (see the decorator)
-        (page_table.is_cuda, seq_lens.dtype, req_pool_indices.dtype, mapping_dtype, page_shift, block_cols, num_warps),
+        (page_table.is_cuda, seq_lens.dtype, req_pool_indices.dtype, mapping_dtype, page_shift, num_steps, block_cols,
+         num_warps),
         grid,
         (seq_lens.data_ptr(), req_pool_indices.data_ptr(), req_to_token.data_ptr(), r2t_row_stride, r2t_col_stride,
          mapping_ptr, cache_seqlens_int32.data_ptr(), cu_seqlens_k.data_ptr(), page_table.data_ptr(),
