@@ -18,7 +18,8 @@ Providers (same inputs, same buffers):
   attnplug_plain_launch  the same kernel through the plain ``kernel[grid](...)`` launch.
 
 SGLang's module is loaded from .vendor/sglang_metadata/metadata.py (pip-downloaded sglang 0.5.23
-file, not committed). Usage: PYTHONPATH=. python3 benchmarks/bench_decode_metadata.py [--out DIR]
+file, not committed). ``--smoke``: tiny shapes on the CPU (Triton interpreter), outputs checked, wall
+time only, CSVs written. Usage: PYTHONPATH=. python3 benchmarks/bench_decode_metadata.py [--out DIR] [--smoke]
 """
 
 from __future__ import annotations
@@ -42,27 +43,33 @@ from benchmarks.common import (
     host_us_per_call,
     load_sglang_normal_decode_set_metadata,
     out_dir,
+    wall_us,
     write_csv,
 )
 
 MAX_CONTEXT = 8192
 BATCHES = [1, 8, 32, 128, 256]
 PAGE_SIZES = [1, 64]
+SMOKE = dict(batches=[1, 3], page_sizes=[1, 4], max_context=64)
 
 
-def make_batch(bs, page_size, device="cuda", seed=0):
+def grid(smoke: bool) -> dict:
+    return SMOKE if smoke else dict(batches=BATCHES, page_sizes=PAGE_SIZES, max_context=MAX_CONTEXT)
+
+
+def make_batch(bs, page_size, max_context=MAX_CONTEXT, device="cuda", seed=0):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     pool = 2 * max(BATCHES)
-    num_tokens = pool * MAX_CONTEXT
-    max_seq_pages = MAX_CONTEXT // page_size
+    num_tokens = pool * max_context
+    max_seq_pages = max_context // page_size
     return {
-        "req_to_token": torch.randint(0, num_tokens, (pool, MAX_CONTEXT), generator=gen, dtype=torch.int32).to(device),
+        "req_to_token": torch.randint(0, num_tokens, (pool, max_context), generator=gen, dtype=torch.int32).to(device),
         "req_pool_indices": torch.randperm(pool, generator=gen)[:bs].to(device),  # int64, as SGLang's
-        "seq_lens": torch.randint(1, MAX_CONTEXT, (bs,), generator=gen).to(device),  # int64, as SGLang's
+        "seq_lens": torch.randint(1, max_context, (bs,), generator=gen).to(device),  # int64, as SGLang's
         "cache_seqlens_int32": torch.zeros(bs, dtype=torch.int32, device=device),
         "cu_seqlens_k": torch.zeros(bs + 1, dtype=torch.int32, device=device),
         "page_table": torch.zeros(bs, max_seq_pages, dtype=torch.int32, device=device),
-        "strided_indices": torch.arange(0, MAX_CONTEXT, page_size, device=device),
+        "strided_indices": torch.arange(0, max_context, page_size, device=device),
         "max_seq_pages": max_seq_pages,
         "page_size": page_size,
     }
@@ -130,14 +137,19 @@ def _tiny_kernel(x_ptr, n, BLOCK: tl.constexpr):
     tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)
 
 
-def bench_launch(rows):
+def bench_launch(rows, smoke=False):
     """Host us per call, plain launch vs fast launch, 1000 back-to-back calls."""
-    x = torch.zeros(64, device="cuda")
-    b = make_batch(32, 1)
+    device, max_context = ("cpu", SMOKE["max_context"]) if smoke else ("cuda", MAX_CONTEXT)
+    x = torch.zeros(64, device=device)
+    b = make_batch(32, 1, max_context, device=device)
     kernel = dm._fused_decode_metadata_kernel
-    meta_args = ((32, 9), b["seq_lens"], b["req_pool_indices"], b["req_to_token"], MAX_CONTEXT, 1, None,
-                 b["cache_seqlens_int32"], b["cu_seqlens_k"], b["page_table"], MAX_CONTEXT, 1, None, 0, 0, 32, 8192, 0)
-    meta_kw = {"PAGE_SHIFT": 0, "BLOCK_BS": 256, "BLOCK_COLS": 1024, "num_warps": 4}
+    col_blocks, page_shift, block_cols, num_warps = dm._plan(max_context, 1)  # as fused_decode_metadata launches it
+    # the kernel's arguments, page size 1, one step, no SWA, all max_context columns (at 8192: grid (32, 9))
+    meta_args = ((32, col_blocks + 1), b["seq_lens"], b["req_pool_indices"], b["req_to_token"], max_context, 1, None,
+                 b["cache_seqlens_int32"], b["cu_seqlens_k"], b["page_table"], max_context, 1, None, 0, 0, 0, 0,
+                 32, max_context, 0)
+    meta_kw = {"PAGE_SHIFT": page_shift, "NUM_STEPS": 1, "BLOCK_BS": dm._BLOCK_BS, "BLOCK_COLS": block_cols,
+               "num_warps": num_warps}
     cases = {
         ("tiny_kernel", "plain"): lambda: _tiny_kernel[(1,)](x, 64, BLOCK=64),
         ("tiny_kernel", "fast"): lambda: launch(_tiny_kernel, (1,), x, 64, BLOCK=64),
@@ -146,25 +158,29 @@ def bench_launch(rows):
         ("torch_add_", "torch"): lambda: x.add_(1),
     }
     for (what, path), fn in cases.items():
-        us = host_us_per_call(fn, calls=1000)
+        us = wall_us(fn) if smoke else host_us_per_call(fn, calls=1000)
         rows.append({"kernel": what, "launch": path, "host_us_per_call": round(us, 2)})
         print(f"launch  {what:24s} {path:6s} {us:7.2f} us/call", flush=True)
 
 
-def bench_decode(rows, sglang_fn):
-    for page_size in PAGE_SIZES:
-        for bs in BATCHES:
-            b = make_batch(bs, page_size, seed=bs)
+def bench_decode(rows, sglang_fn, smoke=False):
+    points = grid(smoke)
+    for page_size in points["page_sizes"]:
+        for bs in points["batches"]:
+            b = make_batch(bs, page_size, points["max_context"], device="cpu" if smoke else "cuda", seed=bs)
             fns = providers(b, sglang_fn)
             check_agreement(b, fns)
             for name, fn in fns.items():
-                row = {"bs": bs, "page_size": page_size, "max_context": MAX_CONTEXT, "provider": name,
-                       "eager_us": round(eager_us(fn), 2),
-                       "graph_us": round(graph_us(fn), 2) if name != "attnplug_plain_launch" else "",
-                       "host_us_per_call": round(host_us_per_call(fn, calls=500), 2)}
+                row = {"bs": bs, "page_size": page_size, "max_context": points["max_context"], "provider": name}
+                if smoke:
+                    row.update(eager_us=round(wall_us(fn), 2), graph_us="", host_us_per_call="")
+                else:
+                    row.update(eager_us=round(eager_us(fn), 2),
+                               graph_us=round(graph_us(fn), 2) if name != "attnplug_plain_launch" else "",
+                               host_us_per_call=round(host_us_per_call(fn, calls=500), 2))
                 rows.append(row)
                 print(f"decode bs={bs:3d} page={page_size:2d} {name:24s} eager {row['eager_us']:8.2f}  "
-                      f"graph {row['graph_us']!s:>8}  host {row['host_us_per_call']:8.2f}", flush=True)
+                      f"graph {row['graph_us']!s:>8}  host {row['host_us_per_call']!s:>8}", flush=True)
 
 
 def plot(rows, path):
@@ -196,22 +212,24 @@ def plot(rows, path):
     fig.savefig(path, dpi=110)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=out_dir())
     parser.add_argument("--sections", default="launch,decode")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
+    args = parser.parse_args(argv)
     sections = args.sections.split(",")
     print(environment(), flush=True)
     if "launch" in sections:
         rows = []
-        bench_launch(rows)
+        bench_launch(rows, args.smoke)
         write_csv(os.path.join(args.out, "launch_overhead.csv"), rows)
     if "decode" in sections:
         rows = []
-        bench_decode(rows, load_sglang_normal_decode_set_metadata())
+        bench_decode(rows, load_sglang_normal_decode_set_metadata(), args.smoke)
         write_csv(os.path.join(args.out, "decode_metadata.csv"), rows)
-        plot(rows, os.path.join(args.out, "decode_metadata.png"))
+        if not args.smoke:
+            plot(rows, os.path.join(args.out, "decode_metadata.png"))
 
 
 if __name__ == "__main__":

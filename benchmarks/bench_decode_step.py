@@ -12,7 +12,10 @@ in a model), with the page table the metadata step just built. Reported per step
 (steps back to back; what a step costs when attention runs eagerly, e.g. under piecewise CUDA
 graphs) and CUDA-graph GPU time of the whole step. No model math (GEMMs, norms) is included.
 
-Run on a GPU from the repo root with ``.vendor/vllm_stock`` present (``benchmarks/fetch_stock.py``).
+Run on a GPU from the repo root with ``.vendor/vllm_stock`` present (``benchmarks/fetch_stock.py``;
+without it the stock step is skipped with a warning). ``attnplug bench`` runs this script by default.
+``--smoke``: the same code path on tiny shapes on the CPU (Triton interpreter, fp32, a few layers, wall
+time instead of graph / eager times), outputs compared, CSV and plot written.
 """
 
 from __future__ import annotations
@@ -25,16 +28,17 @@ import sys
 import torch
 import triton
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_paged_attention as pa  # noqa: E402  (pool, stock wrapper)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from attnplug.core import AttentionWorkspace, fused_decode_metadata, paged_attention, plan_attention  # noqa: E402
-from benchmarks.common import back_to_back_us, cudagraph_us  # noqa: E402
+from benchmarks import bench_paged_attention as pa  # noqa: E402  (pool, stock wrapper, shapes)
+from benchmarks.common import back_to_back_us, cudagraph_us, wall_us  # noqa: E402
 
 NUM_LAYERS = 32
 BATCHES = [1, 4, 16, 64, 128]
 CONTEXTS = [1024, 4096, 16384, 32768]
 MAX_CONTEXT = max(CONTEXTS)
+SMOKE = dict(layers=2, batches=[1, 3], contexts=[40])  # and bench_paged_attention's smoke shapes
 
 
 class Step:
@@ -71,22 +75,22 @@ class Step:
                               self.req_pool_indices, self.seq_lens, self.max_seq_pages, page_size=pa.PAGE_SIZE)
 
 
-def stock_step(pool, stock, step: Step):
+def stock_step(pool, stock, step: Step, layers: int):
     def run():
         step.unfused_metadata()
-        for _ in range(NUM_LAYERS):
+        for _ in range(layers):
             stock.call(pool, step.q, step.out, step.cu_seqlens_q, 1, step.cache_seqlens, step.ctx, step.page_table)
 
     return run
 
 
-def attnplug_step(pool, workspace, step: Step):
+def attnplug_step(pool, workspace, step: Step, layers: int):
     def run():
         step.fused_metadata()
         plan = plan_attention(step.cu_seqlens_q, step.cache_seqlens, num_decodes=step.bs, num_q_heads=pa.NUM_Q_HEADS,
                               num_kv_heads=pa.NUM_KV_HEADS, head_size=pa.HEAD_SIZE, page_size=pa.PAGE_SIZE,
                               max_seqlen_q=1, max_seqlen_k=step.ctx, workspace=workspace)
-        for _ in range(NUM_LAYERS):
+        for _ in range(layers):
             paged_attention(step.q, pool.k, pool.v, step.page_table, plan, step.out, softmax_scale=pa.SCALE)
 
     return run
@@ -101,6 +105,9 @@ def plot(rows: list[dict], path: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for axis, column, title in ((axes[0], "eager_step_us", "eager"), (axes[1], "graph_step_us", "CUDA graph")):
+        axis.set_title(f"simulated {rows[0]['layers']}-layer decode step, {title}")
+        if any(r[column] in (None, "") for r in rows) or {r["impl"] for r in rows} != {"stock", "attnplug"}:
+            continue  # not timed (smoke run) or no stock step
         for ctx in sorted({int(r["ctx"]) for r in rows}):
             times = {(r["impl"], int(r["bs"])): float(r[column]) for r in rows if int(r["ctx"]) == ctx}
             batches = sorted({bs for _, bs in times})
@@ -108,44 +115,62 @@ def plot(rows: list[dict], path: str) -> None:
         axis.axhline(1.0, color="grey", linewidth=0.8)
         axis.set_xscale("log", base=2)
         axis.set_xlabel("decode batch size")
-        axis.set_title(f"simulated 32-layer decode step, {title}")
     axes[0].set_ylabel("speed-up over stock (x)")
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
+    args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
-    print("SIMULATED engine decode step (32 layers, Llama-3-8B heads, page 16, bf16): not an engine run", flush=True)
-    pool = pa.KVPool(max(batches) * max(contexts))
-    stock = pa.Stock()
+    layers = NUM_LAYERS
+    if args.smoke:
+        pa.use_smoke_shapes()
+        layers, batches, contexts = SMOKE["layers"], SMOKE["batches"], SMOKE["contexts"]
+    print(f"SIMULATED engine decode step ({layers} layers, {pa.NUM_Q_HEADS} q / {pa.NUM_KV_HEADS} kv heads of "
+          f"{pa.HEAD_SIZE}, page {pa.PAGE_SIZE}, {str(pa.DTYPE).removeprefix('torch.')}): not an engine run",
+          flush=True)
+    pool = pa.KVPool(max(batches) * triton.cdiv(max(contexts), pa.PAGE_SIZE) * pa.PAGE_SIZE)  # whole pages
+    stock = pa.Stock.load()
     workspace = AttentionWorkspace.allocate(max(batches), max(batches), pa.NUM_Q_HEADS, pa.HEAD_SIZE, device=pa.DEVICE)
     rows = []
     for ctx in contexts:
         for bs in batches:
             step = Step(pool, bs, ctx)
+            steps = {"attnplug": attnplug_step(pool, workspace, step, layers)}
+            if stock is not None:
+                steps = {"stock": stock_step(pool, stock, step, layers), **steps}
             results = {}
-            for name, run in (("stock", stock_step(pool, stock, step)), ("attnplug", attnplug_step(pool, workspace, step))):
+            for name, run in steps.items():
                 run()
-                torch.cuda.synchronize()
+                if not args.smoke:
+                    torch.cuda.synchronize()
                 reference = step.out.float().clone()
-                graph = cudagraph_us(run, rep=200)
-                eager = back_to_back_us(run, graph)
+                graph = None if args.smoke else cudagraph_us(run, rep=200)
+                eager = wall_us(run) if args.smoke else back_to_back_us(run, graph)
                 results[name] = (eager, graph, reference)
-            diff = (results["stock"][2] - results["attnplug"][2]).abs().max().item()
+            diff = (results["stock"][2] - results["attnplug"][2]).abs().max().item() if stock is not None else None
             for name, (eager, graph, _) in results.items():
-                rows.append(dict(bs=bs, ctx=ctx, layers=NUM_LAYERS, impl=name, eager_step_us=round(eager, 1),
-                                 graph_step_us=round(graph, 1), max_abs_diff=f"{diff:.1e}"))
-            (se, sg, _), (ae, ag, _) = results["stock"], results["attnplug"]
-            print(f"step bs={bs:3d} ctx={ctx:5d}: eager stock {se:9.1f} attnplug {ae:9.1f} us ({se / ae:4.2f}x) | "
-                  f"graph stock {sg:9.1f} attnplug {ag:9.1f} us ({sg / ag:4.2f}x) | max|diff| {diff:.1e}", flush=True)
+                rows.append(dict(bs=bs, ctx=ctx, layers=layers, impl=name, eager_step_us=round(eager, 1),
+                                 graph_step_us=None if graph is None else round(graph, 1),
+                                 max_abs_diff=None if diff is None else f"{diff:.1e}"))
+            parts = []
+            for kind, i in (("eager", 0), ("graph", 1)):
+                if results["attnplug"][i] is not None:
+                    part = f"{kind} " + " ".join(f"{name} {times[i]:9.1f}" for name, times in results.items()) + " us"
+                    if stock is not None:
+                        part += f" ({results['stock'][i] / results['attnplug'][i]:4.2f}x)"
+                    parts.append(part)
+            if diff is not None:
+                parts.append(f"max|diff| {diff:.1e}")
+            print(f"step bs={bs:3d} ctx={ctx:5d}: " + " | ".join(parts), flush=True)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "decode_step.csv")
     with open(path, "w", newline="") as f:

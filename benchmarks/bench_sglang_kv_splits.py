@@ -27,6 +27,8 @@ Stock kernels come from the sglang 0.5.23 wheel files under ``.vendor/sglang_tri
   python3 benchmarks/bench_sglang_kv_splits.py [--out DIR] [--quick]   # GPU -> $OUT/sglang_kv_splits.csv
   python3 benchmarks/bench_sglang_kv_splits.py --dry-run              # CPU: inputs + args of one small point
   TRITON_INTERPRET=1 python3 benchmarks/bench_sglang_kv_splits.py --dry-run   # + run it in the interpreter
+  TRITON_INTERPRET=1 python3 benchmarks/bench_sglang_kv_splits.py --smoke     # CPU: the GPU run's code path on
+      tiny shapes (8 q / 2 kv heads of 32, fp16, a few points), outputs checked, wall time of one call only, CSV
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from attnplug.adapters.sglang.triton_splits import (
     planned_get_num_kv_splits,
     planned_kv_splits,
 )
-from benchmarks.common import back_to_back_us, cudagraph_us, environment, issue_us, out_dir, write_csv
+from benchmarks.common import back_to_back_us, cudagraph_us, environment, issue_us, out_dir, wall_us, write_csv
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_SIZE = 32, 8, 128
 DTYPE = torch.bfloat16
@@ -67,10 +69,28 @@ CONTEXTS = [1024, 4096, 16384, 32768]
 MIN_MIXED_LEN = 256
 REFERENCE_MAX_TOKENS = 1 << 17  # torch reference check on points with at most this many KV tokens
 BYTES_PER_TOKEN = 2 * NUM_KV_HEADS * HEAD_SIZE * DTYPE.itemsize + 8  # K + V + int64 index
+SMOKE = dict(heads=(8, 2, 32), dtype=torch.float16,  # q, kv heads, head size; fp16: no bf16 in the interpreter
+             batches=[2], contexts=[40], mixed_ctx=300)  # and one mixed point per bs, lengths in [256, 300]
 
 
 def log(*args):
     print(*args, flush=True)
+
+
+def use_smoke_shapes():
+    """The CPU smoke run's head layout and dtype (read by Backend, Point and the reference at call time)."""
+    global NUM_Q_HEADS, NUM_KV_HEADS, HEAD_SIZE, DTYPE, SCALE
+    (NUM_Q_HEADS, NUM_KV_HEADS, HEAD_SIZE), DTYPE = SMOKE["heads"], SMOKE["dtype"]
+    SCALE = HEAD_SIZE**-0.5
+
+
+def us(t):
+    """A time for the CSV, rounded; None (not timed: CUDA-graph times in the smoke run) as an empty cell."""
+    return "" if t is None else round(t, 2)
+
+
+def ratio(a, b):
+    return "" if a is None else round(a / b, 3)
 
 
 # ----------------------------------------------------------------------------- the two split fills
@@ -237,22 +257,36 @@ def dry_run(args):
 
 
 def run(args):
-    device = torch.device("cuda")
+    """Every point timed; with ``args.smoke`` on the CPU: wall time of one call for the eager and host times,
+    no CUDA-graph times (their columns and the speed-ups from them left empty)."""
+    smoke = args.smoke
+    device = torch.device("cpu" if smoke else "cuda")
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    use_pdl = torch.cuda.get_device_capability(device)[0] >= 9  # sgl_kernel's is_arch_support_pdl
+    if smoke:
+        num_sms, use_pdl = 132, False  # H100 SXM, as --dry-run
+    else:
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        use_pdl = torch.cuda.get_device_capability(device)[0] >= 9  # sgl_kernel's is_arch_support_pdl
+
+    def graph_us(fn, **kwargs):
+        return None if smoke else cudagraph_us(fn, **kwargs)
+
     backend = Backend(args.num_sms or num_sms, args.max_context_len)
     batches, contexts = args.batches, args.contexts
     points = [(bs, ctx, "uniform") for bs in batches for ctx in contexts]
     points += [(bs, args.mixed_ctx, "mixed") for bs in batches]
     lengths = {p: batch_lengths(*p, gen) for p in points}
 
-    free, _ = torch.cuda.mem_get_info()
     need = max(sum(v) for v in lengths.values())
-    pool = min(need, int(0.75 * free) // BYTES_PER_TOKEN)
-    log(f"{torch.cuda.get_device_name()} ({num_sms} SMs), use_pdl={use_pdl}, max_context_len={args.max_context_len}, "
-        f"max_kv_splits={MAX_KV_SPLITS}; KV pool {pool} token slots ({pool * BYTES_PER_TOKEN / 2**30:.1f} GiB)")
+    if smoke:
+        pool = need
+    else:
+        free, _ = torch.cuda.mem_get_info()
+        pool = min(need, int(0.75 * free) // BYTES_PER_TOKEN)
+    log(f"{'interpreter' if smoke else torch.cuda.get_device_name()} ({num_sms} SMs), use_pdl={use_pdl}, "
+        f"max_context_len={args.max_context_len}, max_kv_splits={MAX_KV_SPLITS}; KV pool {pool} token slots "
+        f"({pool * BYTES_PER_TOKEN / 2**30:.1f} GiB)")
     kv = torch.empty(2, pool + 1, NUM_KV_HEADS, HEAD_SIZE, dtype=DTYPE, device=device)  # slot 0: SGLang's padding slot
     kv.normal_()
     slots = torch.randperm(pool, device=device) + 1  # int64, like the backend's kv_indices
@@ -269,35 +303,38 @@ def run(args):
         stock_splits, planned = describe(point.splits["stock"]), planned_kv_splits(backend, bs)
         assert int(point.splits["attnplug"].min()) == int(point.splits["attnplug"].max()) == planned
         if bs not in fill_times:  # the split fill alone: graph time, host time per call
-            fill_times[bs] = {impl: (cudagraph_us(fns[impl][0], rep=10), issue_us(fns[impl][0])) for impl in fns}
+            fill_times[bs] = {impl: (graph_us(fns[impl][0], rep=10), wall_us(fns[impl][0]) if smoke
+                                     else issue_us(fns[impl][0])) for impl in fns}
         t = {}
         for impl in ("stock", "attnplug"):
             _, attn_fn, step_fn = fns[impl]
-            t[impl, "graph"] = cudagraph_us(step_fn)
-            t[impl, "eager"] = back_to_back_us(step_fn, t[impl, "graph"])
-            t[impl, "attn"] = cudagraph_us(attn_fn)
+            t[impl, "graph"] = graph_us(step_fn)
+            t[impl, "eager"] = wall_us(step_fn) if smoke else back_to_back_us(step_fn, t[impl, "graph"])
+            t[impl, "attn"] = graph_us(attn_fn)
         fs, fa = fill_times[bs]["stock"][0], fill_times[bs]["attnplug"][0]
-        step = (fs + args.layers * t["stock", "attn"]) / (fa + args.layers * t["attnplug", "attn"])
+        step = None if smoke else (fs + args.layers * t["stock", "attn"]) / (fa + args.layers * t["attnplug", "attn"])
         row = {
             "bs": bs, "ctx": ctx, "lengths": kind, "mean_len": round(statistics.mean(seq_lens)),
             "stock_splits": stock_splits, "planned_splits": planned,
-            "stock_graph_us": round(t["stock", "graph"], 2), "attnplug_graph_us": round(t["attnplug", "graph"], 2),
-            "stock_eager_us": round(t["stock", "eager"], 2), "attnplug_eager_us": round(t["attnplug", "eager"], 2),
-            "speedup_graph": round(t["stock", "graph"] / t["attnplug", "graph"], 3),
-            "speedup_eager": round(t["stock", "eager"] / t["attnplug", "eager"], 3),
-            "stock_attn_graph_us": round(t["stock", "attn"], 2),
-            "attnplug_attn_graph_us": round(t["attnplug", "attn"], 2),
-            "speedup_attn": round(t["stock", "attn"] / t["attnplug", "attn"], 3),
-            "stock_fill_graph_us": round(fs, 2), "attnplug_fill_graph_us": round(fa, 2),
-            "stock_fill_host_us": round(fill_times[bs]["stock"][1], 2),
-            "attnplug_fill_host_us": round(fill_times[bs]["attnplug"][1], 2),
-            "speedup_step": round(step, 3), "max_abs_diff": f"{diff:.3g}",
+            "stock_graph_us": us(t["stock", "graph"]), "attnplug_graph_us": us(t["attnplug", "graph"]),
+            "stock_eager_us": us(t["stock", "eager"]), "attnplug_eager_us": us(t["attnplug", "eager"]),
+            "speedup_graph": ratio(t["stock", "graph"], t["attnplug", "graph"]),
+            "speedup_eager": ratio(t["stock", "eager"], t["attnplug", "eager"]),
+            "stock_attn_graph_us": us(t["stock", "attn"]),
+            "attnplug_attn_graph_us": us(t["attnplug", "attn"]),
+            "speedup_attn": ratio(t["stock", "attn"], t["attnplug", "attn"]),
+            "stock_fill_graph_us": us(fs), "attnplug_fill_graph_us": us(fa),
+            "stock_fill_host_us": us(fill_times[bs]["stock"][1]),
+            "attnplug_fill_host_us": us(fill_times[bs]["attnplug"][1]),
+            "speedup_step": "" if step is None else round(step, 3), "max_abs_diff": f"{diff:.3g}",
         }  # fmt: skip
         rows.append(row)
-        log(f"bs={bs:4d} ctx={ctx:6d} {kind:7s} splits stock {stock_splits:>4s} planned {planned:2d} | graph "
-            f"{row['stock_graph_us']:8.1f} -> {row['attnplug_graph_us']:8.1f} us x{row['speedup_graph']:.3f} | eager "
-            f"{row['stock_eager_us']:8.1f} -> {row['attnplug_eager_us']:8.1f} us x{row['speedup_eager']:.3f} | attn "
-            f"x{row['speedup_attn']:.3f} | {args.layers}-layer step x{step:.3f} | max|diff| {diff:.3g}")
+        graph_part = "" if smoke else (
+            f"graph {row['stock_graph_us']:8.1f} -> {row['attnplug_graph_us']:8.1f} us x{row['speedup_graph']:.3f} | ")
+        log(f"bs={bs:4d} ctx={ctx:6d} {kind:7s} splits stock {stock_splits:>4s} planned {planned:2d} | {graph_part}"
+            f"eager {row['stock_eager_us']:8.1f} -> {row['attnplug_eager_us']:8.1f} us x{row['speedup_eager']:.3f}"
+            + ("" if smoke else f" | attn x{row['speedup_attn']:.3f} | {args.layers}-layer step x{step:.3f}")
+            + f" | max|diff| {diff:.3g}")
         del point, fns
     return rows
 
@@ -322,7 +359,7 @@ def summarize(rows, layers):
             f"{worst['lengths']}), best x{best[key]:.3f} (bs {best['bs']} ctx {best['ctx']} {best['lengths']})")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None, help="output dir (default $OUT, else benchmarks/results)")
     parser.add_argument("--max-context-len", type=int, default=32768, help="the backend's model context length")
@@ -333,9 +370,13 @@ def main():
     parser.add_argument("--num-sms", type=int, default=0, help="device_core_count override (default: the GPU's)")
     parser.add_argument("--quick", action="store_true", help="bs 1, 16, 128 x ctx 1k, 32k only")
     parser.add_argument("--dry-run", action="store_true", help="CPU: build one small point and print the args")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="CPU: the run on tiny shapes (Triton interpreter)")
+    args = parser.parse_args(argv)
     if args.quick:
         args.batches, args.contexts = [1, 16, 128], [1024, 32768]
+    if args.smoke:
+        use_smoke_shapes()
+        args.batches, args.contexts, args.mixed_ctx = SMOKE["batches"], SMOKE["contexts"], SMOKE["mixed_ctx"]
     if args.dry_run:
         dry_run(args)
         return
@@ -344,7 +385,8 @@ def main():
     rows = run(args)
     path = os.path.join(args.out or out_dir(), "sglang_kv_splits.csv")
     write_csv(path, rows)
-    summarize(rows, args.layers)
+    if not args.smoke:  # its table is of graph times
+        summarize(rows, args.layers)
     log(f"\nwrote {path} ({len(rows)} points, {time.perf_counter() - start:.0f} s)")
 
 

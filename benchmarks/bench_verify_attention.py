@@ -32,7 +32,6 @@ import importlib
 import os
 import random
 import sys
-import time
 
 import torch
 import triton
@@ -41,6 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from attnplug.core.attention import AttentionWorkspace, paged_attention, plan_attention  # noqa: E402
+from benchmarks.common import back_to_back_us, cudagraph_us, load_unified_attention, wall_us  # noqa: E402
 
 STOCK_SEGMENTS = 16
 MAX_3D_QUERY_LEN_0_33 = 8
@@ -114,17 +114,6 @@ def attnplug_call(attention, workspace, pool, b, num_decodes, max_decode_query_l
                                              softmax_scale=s.scale)
 
 
-def load_unified_attention(vendor_dir: str):
-    """vLLM's ``unified_attention`` from one release's files under ``.vendor`` (both releases in one process)."""
-    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
-        del sys.modules[name]
-    sys.path.insert(0, vendor_dir)
-    try:
-        return importlib.import_module("vllm.v1.attention.ops.triton_unified_attention").unified_attention
-    finally:
-        sys.path.remove(vendor_dir)
-
-
 class VllmStock:
     """One vLLM release's ``unified_attention`` with the scratch its TRITON_ATTN builder allocates."""
 
@@ -158,12 +147,7 @@ class Timer:
 
     def __call__(self, fn):
         if self.smoke:
-            fn()
-            start = time.perf_counter()
-            fn()
-            return None, (time.perf_counter() - start) * 1e6
-        from benchmarks.common import back_to_back_us, cudagraph_us
-
+            return None, wall_us(fn)
         g = cudagraph_us(fn, rep=20)
         return g, back_to_back_us(fn, g)
 

@@ -9,15 +9,21 @@ Three numbers per op, all in microseconds:
   CUDA graph and the graph is replayed (host launch cost removed).
 * :func:`host_us_per_call`: host wall time per call over many back-to-back calls with one final
   synchronize (the host cost of an eager call when the GPU keeps up).
+
+:func:`wall_us` replaces all three in the ``--smoke`` runs (tiny shapes on the CPU under the Triton
+interpreter, run by ``make test``): it checks that a script runs, not how fast.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime
+import importlib
+import importlib.util
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable
 
@@ -124,6 +130,15 @@ def issue_us(fn: Callable[[], object], *, calls: int = 500) -> float:
     return elapsed
 
 
+def wall_us(fn: Callable[[], object], *, calls: int = 1) -> float:
+    """Wall time per call of ``calls`` calls after one warm-up call, no CUDA (the CPU smoke runs)."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
 def environment() -> dict:
     """Device and versions, for the CSV rows and the results header."""
     import triton
@@ -163,7 +178,6 @@ SGLANG_METADATA_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.absp
 def load_sglang_normal_decode_set_metadata():
     """SGLang 0.5.23's fused ``normal_decode_set_metadata`` from ``.vendor`` (``benchmarks/fetch_stock.py``;
     the module imports only torch and Triton), or None with a warning when it was not fetched."""
-    import importlib.util
 
     if not os.path.exists(SGLANG_METADATA_FILE):
         print(f"[warn] {SGLANG_METADATA_FILE} missing (run benchmarks/fetch_stock.py): SGLang provider skipped")
@@ -172,3 +186,15 @@ def load_sglang_normal_decode_set_metadata():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.normal_decode_set_metadata
+
+
+def load_unified_attention(vendor_dir: str):
+    """vLLM's ``unified_attention`` from one release's files under ``.vendor`` (``benchmarks/fetch_stock.py``;
+    several releases in one process: any ``vllm`` already imported is dropped first)."""
+    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        del sys.modules[name]
+    sys.path.insert(0, vendor_dir)
+    try:
+        return importlib.import_module("vllm.v1.attention.ops.triton_unified_attention").unified_attention
+    finally:
+        sys.path.remove(vendor_dir)

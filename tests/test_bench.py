@@ -1,5 +1,7 @@
 """`attnplug bench`: refuses clearly without a GPU; its summary compares attnplug with stock per configuration."""
 
+import csv
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +80,101 @@ def test_verify_attention_benchmark_smoke_run_on_sglang_token_pool(tmp_path):
     ours = [r for r in rows if r["impl"] == "attnplug"]
     assert len(ours) == 2 and all(float(r["eager_us"]) > 0 for r in ours)
     assert {r["impl"] for r in rows} == {"attnplug", "attnplug_decode"}
+
+
+ROOT = Path(__file__).resolve().parent.parent
+VENDOR = ROOT / ".vendor"  # stock engine files (benchmarks/fetch_stock.py); CI clones may lack it
+
+
+@pytest.fixture
+def benchmark(monkeypatch):
+    """Imports ``benchmarks.<name>``; afterwards drops the vendored engine modules it imported (vLLM's and
+    SGLang's files under .vendor) and restores sys.path, so later tests see no engine."""
+    before = set(sys.modules)
+    monkeypatch.setattr(sys, "path", [str(ROOT), *sys.path])
+    yield lambda name: importlib.import_module(f"benchmarks.{name}")
+    for name in set(sys.modules) - before:
+        if name.split(".")[0] in ("vllm", "sglang"):
+            del sys.modules[name]
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_decode_metadata_benchmark_smoke_run(tmp_path, benchmark):
+    """bench_decode_metadata.py --smoke: both sections run, every provider agrees with the torch sequence."""
+    benchmark("bench_decode_metadata").main(["--smoke", "--out", str(tmp_path)])
+    launch = _rows(tmp_path / "launch_overhead.csv")
+    assert {(r["kernel"], r["launch"]) for r in launch} == {
+        ("tiny_kernel", "plain"), ("tiny_kernel", "fast"), ("decode_metadata_kernel", "plain"),
+        ("decode_metadata_kernel", "fast"), ("torch_add_", "torch")}
+    assert all(float(r["host_us_per_call"]) > 0 for r in launch)
+    rows = _rows(tmp_path / "decode_metadata.csv")
+    providers = {"torch_unfused", "attnplug", "attnplug_plain_launch"}
+    if (VENDOR / "sglang_metadata" / "metadata.py").exists():
+        providers |= {"sglang_fused", "sglang_fused_zero_tail"}
+    assert {r["provider"] for r in rows} == providers
+    assert len(rows) == 4 * len(providers)  # bs 1, 3 x page 1, 4
+    assert all(float(r["eager_us"]) > 0 and r["graph_us"] == "" for r in rows)
+
+
+def test_metadata_copy_benchmark_smoke_run(tmp_path, benchmark):
+    """bench_metadata_copy.py --smoke: both providers' copies checked, CSV reads back."""
+    benchmark("bench_metadata_copy").main(["--smoke", "--out", str(tmp_path)])
+    rows = _rows(tmp_path / "metadata_copy.csv")
+    assert sorted(r["provider"] for r in rows) == ["attnplug", "copy_loop"]
+    assert all(float(r["eager_us"]) > 0 for r in rows)
+
+
+def test_nsa_draft_copy_benchmark_smoke_run(tmp_path, benchmark):
+    """bench_nsa_draft_copy.py --smoke: SGLang 0.5.8's copies and the patch's write the same buffers."""
+    benchmark("bench_nsa_draft_copy").main(["--smoke", "--out", str(tmp_path)])
+    rows = _rows(tmp_path / "nsa_draft_copy.csv")
+    assert sorted(r["flashmla_kv"] for r in rows) == ["False", "True"]
+    assert all(float(r["stock_eager_us"]) > 0 and float(r["attnplug_eager_us"]) > 0 for r in rows)
+    assert list(rows[0]).count("device") == 1
+
+
+def test_paged_attention_benchmark_smoke_run(tmp_path, benchmark):
+    """bench_paged_attention.py --smoke: decode, mixed and host sections; vLLM's kernel agrees with attnplug."""
+    benchmark("bench_paged_attention").main(["--smoke", "--out", str(tmp_path)])
+    rows = _rows(tmp_path / "paged_attention.csv")
+    stock = (VENDOR / "vllm_stock").is_dir()
+    impls = {"decode": {"attnplug", "vllm_stock"}, "mixed": {"attnplug", "vllm_stock", "vllm_stock_hand_split"},
+             "host": {"attnplug", "vllm_stock"}}
+    for section, names in impls.items():
+        got = [r for r in rows if r["section"] == section]
+        assert {r["impl"] for r in got} == (names if stock else {"attnplug"}), section
+        assert all(float(r["host_us" if section == "host" else "eager_us"]) > 0 for r in got)
+    assert len([r for r in rows if r["section"] == "decode"]) == 2 * (2 if stock else 1)  # bs 1, 3
+    for row in rows:
+        if row["max_abs_diff"]:
+            assert float(row["max_abs_diff"]) < 1e-4, row
+
+
+def test_decode_step_benchmark_smoke_run(tmp_path, benchmark):
+    """bench_decode_step.py (what `attnplug bench` runs by default) --smoke: the whole step, CSV and plot."""
+    benchmark("bench_decode_step").main(["--smoke", "--out", str(tmp_path)])
+    rows = _rows(tmp_path / "decode_step.csv")
+    stock = (VENDOR / "vllm_stock").is_dir()
+    assert sorted(r["impl"] for r in rows) == (["attnplug", "attnplug", "stock", "stock"] if stock else
+                                                ["attnplug", "attnplug"])
+    assert all(r["layers"] == "2" and float(r["eager_step_us"]) > 0 and r["graph_step_us"] == "" for r in rows)
+    if stock:
+        assert all(float(r["max_abs_diff"]) < 1e-4 for r in rows)
+    assert (tmp_path / "decode_step.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not (VENDOR / "sglang_triton").is_dir(),
+                    reason="both providers run SGLang's Triton decode kernel: .vendor/sglang_triton missing "
+                           "(python benchmarks/fetch_stock.py)")
+def test_sglang_kv_splits_benchmark_smoke_run(tmp_path, benchmark):
+    """bench_sglang_kv_splits.py --smoke: stock and planned splits give the same output (and the reference's)."""
+    benchmark("bench_sglang_kv_splits").main(["--smoke", "--out", str(tmp_path)])
+    rows = _rows(tmp_path / "sglang_kv_splits.csv")
+    assert sorted(r["lengths"] for r in rows) == ["mixed", "uniform"]
+    for row in rows:
+        assert float(row["stock_eager_us"]) > 0 and float(row["attnplug_eager_us"]) > 0
+        assert float(row["max_abs_diff"]) < 2e-3 and int(row["planned_splits"]) >= 1
