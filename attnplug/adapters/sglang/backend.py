@@ -187,6 +187,8 @@ class AttnplugAttnBackend(AttentionBackend):
         self.decode_query_start_loc = torch.arange(max_seqs + 1, **index)
         # verify rows: N queries each (N = the batch's tokens per request; usually speculative_query_len)
         self._verify_query_start_locs: dict[int, torch.Tensor] = {}
+        if self.speculative_query_len > 1:  # the usual N, allocated before serving
+            self._verify_query_start_loc(self.speculative_query_len)
         self.extend_query_start_loc = torch.zeros(max_seqs + 1, **index)  # [0] stays 0
         self.graph = None  # GraphBuffers after init_cuda_graph_state
         self.is_draft_runner = bool(getattr(model_runner, "is_draft_worker", False))
@@ -535,22 +537,27 @@ class AttnplugMultiStepDraftBackend:
         self._fused_decode_metadata = first._fused_decode_metadata
         self._plan_attention = first._plan_attention
 
-    def _plan_steps(self, bs: int, lengths: torch.Tensor, block_table: torch.Tensor, max_seqlen_k: int) -> list:
-        """One decode plan per step over ``lengths[s, :bs]`` (int32 [steps, >= bs]) and the shared table."""
+    def _plan_steps(self, bs: int, lengths: torch.Tensor, block_table: torch.Tensor, max_prefix_len: int) -> list:
+        """One decode plan per step over ``lengths[s, :bs]`` (int32 [steps, >= bs]) and the shared table;
+        ``max_prefix_len``: host bound of ``seq_lens`` (step s reads at most ``max_prefix_len + s + 1``)."""
         first = self.attn_backends[0]
         return [AttnplugForwardMetadata(plan=self._plan_attention(
             first.decode_query_start_loc[: bs + 1], lengths[step, :bs], num_decodes=bs,
             num_q_heads=first.num_q_heads, num_kv_heads=first.num_kv_heads, head_size=first.head_dim,
-            page_size=self.page_size, max_seqlen_q=1, max_seqlen_k=min(max_seqlen_k + step + 1, self.max_context_len),
+            page_size=self.page_size, max_seqlen_q=1,
+            max_seqlen_k=min(max_prefix_len + step + 1, self.max_context_len),
             workspace=first.workspace), block_table=block_table) for step in range(len(self.attn_backends))]
 
-    def _fill(self, forward_batch, lengths, cu_lengths, block_table, bs: int) -> None:
-        """The one launch of a round: every step's lengths (``seq_lens + s + 1``) and the shared page table."""
-        steps = len(self.attn_backends)
-        max_seqlen_k = min(self.attn_backends[0]._max_seq_len(forward_batch) + steps, self.max_context_len)
+    def _round_pages(self, max_prefix_len: int) -> int:
+        """Page-table columns of a round: the last step reads ``max_prefix_len + steps`` tokens at most."""
+        return _cdiv(min(max_prefix_len + len(self.attn_backends), self.max_context_len), self.page_size)
+
+    def _fill(self, forward_batch, lengths, cu_lengths, block_table, bs: int, pages: int) -> None:
+        """The one launch of a round: every step's lengths (``seq_lens + s + 1``) and ``pages`` columns of
+        the shared page table."""
         self._fused_decode_metadata(
             lengths[:, :bs], cu_lengths[:, : bs + 1], block_table, self.req_to_token,
-            forward_batch.req_pool_indices[:bs], forward_batch.seq_lens[:bs], _cdiv(max_seqlen_k, self.page_size),
+            forward_batch.req_pool_indices[:bs], forward_batch.seq_lens[:bs], pages,
             seq_len_delta=1, page_size=self.page_size,
         )
 
@@ -568,10 +575,11 @@ class AttnplugMultiStepDraftBackend:
         if forward_batch.forward_mode.is_idle() or bs == 0:
             self._bind([AttnplugForwardMetadata()] * len(self.attn_backends))
             return
-        max_seqlen_k = self.attn_backends[0]._max_seq_len(forward_batch) + len(self.attn_backends)
-        block_table = torch.empty((bs, _cdiv(max_seqlen_k, self.page_size)), dtype=torch.int32, device=self.device)
-        self._fill(forward_batch, self.lengths, self.cu_lengths, block_table, bs)
-        self._bind(self._plan_steps(bs, self.lengths, block_table, max_seqlen_k))
+        max_prefix_len = self.attn_backends[0]._max_seq_len(forward_batch)
+        pages = self._round_pages(max_prefix_len)
+        block_table = torch.empty((bs, pages), dtype=torch.int32, device=self.device)
+        self._fill(forward_batch, self.lengths, self.cu_lengths, block_table, bs, pages)
+        self._bind(self._plan_steps(bs, self.lengths, block_table, max_prefix_len))
         self._count_round()
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
@@ -594,7 +602,8 @@ class AttnplugMultiStepDraftBackend:
         bs, graph = forward_batch.batch_size, self.graph
         if in_capture:
             graph.metadata[bs] = self._plan_steps(bs, graph.lengths, graph.page_table[:bs], self.max_context_len)
-        self._fill(forward_batch, graph.lengths, graph.cu_lengths, graph.page_table, bs)
+        pages = self._round_pages(self.attn_backends[0]._max_seq_len(forward_batch))
+        self._fill(forward_batch, graph.lengths, graph.cu_lengths, graph.page_table, bs, pages)
         self._bind(graph.metadata[bs])
         if not in_capture:
             self._count_round()
