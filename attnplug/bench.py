@@ -1,8 +1,9 @@
-"""``attnplug bench``: run the GPU benchmarks of a checkout, then summarize attnplug vs stock.
+"""``attnplug bench``: run the GPU benchmarks shipped in the package, then summarize attnplug vs each peer.
 
-Each benchmark is a script in the checkout's ``benchmarks/`` folder that times eager and CUDA-graph
-runs side by side with the engine's stock path and writes a CSV (and a PNG plot) into ``--out``.
-The stock paths are loaded from ``.vendor/`` (``python benchmarks/fetch_stock.py`` fills it).
+Each benchmark is a module of :mod:`attnplug.benchmarks` that times eager and CUDA-graph runs side by
+side with the engines' stock paths and writes a CSV (most also a PNG plot) into ``--out``. The stock
+kernels come from the installed engine, else from fetched copies (:mod:`attnplug.benchmarks.stock`;
+``attnplug bench --fetch-stock`` fetches them where a package registry is reachable).
 """
 
 from __future__ import annotations
@@ -11,76 +12,102 @@ import csv
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-BENCHMARKS = {  # name -> (script, CSV it writes)
-    "metadata": ("bench_decode_metadata.py", "decode_metadata.csv"),
-    "copy": ("bench_metadata_copy.py", "metadata_copy.csv"),
-    "attention": ("bench_paged_attention.py", "paged_attention.csv"),
-    "step": ("bench_decode_step.py", "decode_step.csv"),
+BENCHMARKS = {  # name -> (module in attnplug.benchmarks, CSV it writes, takes --quick)
+    "metadata": ("bench_decode_metadata", "decode_metadata.csv", False),
+    "copy": ("bench_metadata_copy", "metadata_copy.csv", False),
+    "attention": ("bench_paged_attention", "paged_attention.csv", True),
+    "verify": ("bench_verify_attention", "verify_attention.csv", True),
+    "step": ("bench_decode_step", "decode_step.csv", True),
+    "draft": ("bench_draft_metadata", "draft_metadata.csv", False),
+    "kv_splits": ("bench_sglang_kv_splits", "sglang_kv_splits.csv", True),
+    "nsa": ("bench_nsa_draft_copy", "nsa_draft_copy.csv", False),
 }
-STOCK_NAMES = ("torch_unfused", "copy_loop", "vllm_stock", "stock")  # the baseline provider of each CSV
-TIME_COLUMNS = ("eager_us", "graph_us", "eager_step_us", "graph_step_us")
+DEFAULT = "metadata,copy,attention,verify,step,draft"
+TIME_COLUMNS = ("graph_us", "eager_us", "graph_step_us", "eager_step_us")
 PROVIDER_COLUMNS = ("provider", "impl")
-RESULT_COLUMNS = {"host_us_per_call", "tbps", "speedup_vs_stock", "host_us", "max_abs_diff", "segments", "case",
-                  "device", "torch", "triton", "python", "date", *TIME_COLUMNS}
+# columns that are measurements, not part of a point's configuration
+RESULT_COLUMNS = {"host_us_per_call", "host_us", "tbps", "read_share", "attnplug_x", "max_abs_diff", "segments",
+                  "launches", "x_vs_vllm_0_33", "x_vs_own_decode", "device", "torch", "triton", "python", "date",
+                  *TIME_COLUMNS}
 
 
 class BenchError(RuntimeError):
-    """A precondition of ``attnplug bench`` is not met (no GPU, not a checkout)."""
+    """A precondition of ``attnplug bench`` is not met (no GPU)."""
 
 
-def check_preconditions(repo: Path) -> None:
+def check_preconditions() -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise BenchError("attnplug bench needs a CUDA GPU and found none (torch.cuda.is_available() is False)")
-    if not (repo / "benchmarks").is_dir():
-        raise BenchError(f"{repo} is not an attnplug checkout (no benchmarks/ folder): pass --repo")
+        raise BenchError("attnplug bench needs a CUDA GPU and found none (torch.cuda.is_available() is False); "
+                         "`attnplug bench --fetch-stock` runs without one")
 
 
-def run(repo: Path, out: Path, names: list[str]) -> list[str]:
+def run(out: Path, names: list[str], quick: bool = False) -> list[str]:
     """Run the named benchmarks one after the other, streaming their progress; returns the failed ones."""
-    check_preconditions(repo)
-    if not (repo / ".vendor").is_dir():
-        print("note: .vendor/ is missing, so stock providers are skipped where a script can: "
-              "run `python benchmarks/fetch_stock.py` first", flush=True)
+    from attnplug.benchmarks import stock
+
+    check_preconditions()
     out.mkdir(parents=True, exist_ok=True)
+    sources = stock.describe()
+    print("stock kernels compared against:\n  " + "\n  ".join(sources), flush=True)
+    (out / "stock.txt").write_text("\n".join(sources) + "\n")
     failed = []
     for index, name in enumerate(names, 1):
-        script = repo / "benchmarks" / BENCHMARKS[name][0]
-        print(f"[{index}/{len(names)}] {name}: {script.name} -> {out}", flush=True)
-        done = subprocess.run([sys.executable, str(script), "--out", str(out)], cwd=repo, check=False)
+        module, _, takes_quick = BENCHMARKS[name]
+        command = [sys.executable, "-m", f"attnplug.benchmarks.{module}", "--out", str(out)]
+        command += ["--quick"] if quick and takes_quick else []
+        print(f"[{index}/{len(names)}] {name}: {' '.join(command[1:])}", flush=True)
+        start = time.perf_counter()
+        done = subprocess.run(command, check=False)
+        took = time.perf_counter() - start
         if done.returncode != 0:
-            print(f"[{index}/{len(names)}] {name} FAILED (exit {done.returncode})", flush=True)
+            print(f"[{index}/{len(names)}] {name} FAILED (exit {done.returncode}, {took:.0f} s)", flush=True)
             failed.append(name)
+        else:
+            print(f"[{index}/{len(names)}] {name} done in {took:.0f} s", flush=True)
     return failed
 
 
-def speedups(rows: list[dict]) -> dict[str, list[float]]:
-    """Time column -> stock time / attnplug time, over the configurations both providers ran."""
-    provider = next((c for c in PROVIDER_COLUMNS if rows and c in rows[0]), None)
-    if provider is None:
+def _ours(provider: str) -> bool:
+    return provider.startswith("attnplug") or provider == "stream_read"
+
+
+def speedups(rows: list[dict]) -> dict[tuple[str, str], list[float]]:
+    """(peer, time column) -> peer time / attnplug time, over the configurations both ran.
+
+    Long CSVs (a ``provider`` or ``impl`` column) pair each peer's row with attnplug's row of the same
+    configuration; attnplug's own variants (``attnplug_*``) are not peers. Wide CSVs (``stock_*`` and
+    ``attnplug_*`` columns) report their ``speedup_*`` columns as peer ``stock``."""
+    if not rows:
         return {}
+    provider = next((c for c in PROVIDER_COLUMNS if c in rows[0]), None)
+    if provider is None:
+        return {("stock", c): [float(r[c]) for r in rows if r[c]] for c in rows[0] if c.startswith("speedup_")}
     config_columns = [c for c in rows[0] if c not in RESULT_COLUMNS and c != provider]
     by_config: dict[tuple, dict[str, dict]] = {}
     for row in rows:
         by_config.setdefault(tuple(row[c] for c in config_columns), {})[row[provider]] = row
-    ratios: dict[str, list[float]] = {}
+    ratios: dict[tuple[str, str], list[float]] = {}
     for providers in by_config.values():
         ours = providers.get("attnplug")
-        stock = next((providers[name] for name in STOCK_NAMES if name in providers), None)
-        if ours is None or stock is None:
+        if ours is None:
             continue
-        for column in TIME_COLUMNS:
-            if ours.get(column) and stock.get(column):
-                ratios.setdefault(column, []).append(float(stock[column]) / float(ours[column]))
+        for peer, row in providers.items():
+            if _ours(peer):
+                continue
+            for column in TIME_COLUMNS:
+                if ours.get(column) and row.get(column):
+                    ratios.setdefault((peer, column), []).append(float(row[column]) / float(ours[column]))
     return ratios
 
 
 def summary(out: Path, names: list[str]) -> str:
-    """A table of attnplug's speed-up over stock per benchmark and time column (min / median / max)."""
-    lines = [f"{'benchmark':<10} {'time':<14} {'points':>6} {'min':>7} {'median':>7} {'max':>7}"]
+    """attnplug's speed-up over each peer per benchmark and time column (min / median / max; > 1: faster)."""
+    lines = [f"{'benchmark':<10} {'peer':<24} {'time':<14} {'points':>6} {'min':>7} {'median':>7} {'max':>7}"]
     for name in names:
         path = out / BENCHMARKS[name][1]
         if not path.exists():
@@ -88,7 +115,7 @@ def summary(out: Path, names: list[str]) -> str:
             continue
         with path.open() as f:
             rows = list(csv.DictReader(f))
-        for column, values in speedups(rows).items():
-            lines.append(f"{name:<10} {column:<14} {len(values):>6} {min(values):>6.2f}x "
+        for (peer, column), values in speedups(rows).items():
+            lines.append(f"{name:<10} {peer:<24} {column:<14} {len(values):>6} {min(values):>6.2f}x "
                          f"{statistics.median(values):>6.2f}x {max(values):>6.2f}x")
     return "\n".join(lines)

@@ -82,13 +82,20 @@ def _print_human(info: dict) -> None:
 def _bench(args) -> int:
     from attnplug.bench import BENCHMARKS, BenchError, run, summary
 
+    if args.fetch_stock:
+        from attnplug.benchmarks import fetch_stock
+        from attnplug.benchmarks.stock import STOCK_DIR_ENV, stock_dir
+
+        fetch_stock.main([])
+        print(f"fetched into {stock_dir()}; on a machine without a registry, copy it there and set {STOCK_DIR_ENV}")
+        return 0
     names = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown:
         print(f"attnplug bench: unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}", file=sys.stderr)
         return 2
     try:
-        failed = run(args.repo, args.out, names)
+        failed = run(args.out, names, quick=args.quick)
     except BenchError as exc:
         print(f"attnplug bench: {exc}", file=sys.stderr)
         return 2
@@ -97,6 +104,8 @@ def _bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from attnplug.bench import BENCHMARKS, DEFAULT as DEFAULT_BENCHMARKS
+
     parser = argparse.ArgumentParser(prog="attnplug", description=attnplug.__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     doctor = commands.add_parser("doctor", help="installed engines, torch/Triton/CUDA, GPU, and which patches apply")
@@ -104,10 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     docs = commands.add_parser("docs", help="regenerate docs/patches.md and README's support matrix from the registry")
     docs.add_argument("--check", action="store_true", help="only report stale files (exit 1 if any)")
     docs.add_argument("--repo", type=Path, default=Path.cwd(), help="repository root (default: the current folder)")
-    bench = commands.add_parser("bench", help="run the GPU benchmarks (eager and CUDA graph, stock vs attnplug)")
-    bench.add_argument("--repo", type=Path, default=Path.cwd(), help="attnplug checkout (default: the current folder)")
-    bench.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where CSVs and plots go")
-    bench.add_argument("--only", default="metadata,copy,attention,step", help="comma list of benchmarks to run")
+    bench = commands.add_parser("bench", help="run the GPU benchmarks (eager and CUDA graph, attnplug vs its peers)")
+    bench.add_argument("--out", type=Path, default=Path("attnplug-bench-results"), help="where CSVs and plots go")
+    bench.add_argument("--only", default=DEFAULT_BENCHMARKS, help="comma list of benchmarks to run "
+                       f"(known: {', '.join(BENCHMARKS)})")
+    bench.add_argument("--quick", action="store_true", help="a subset of each grid (a few minutes at most)")
+    bench.add_argument("--fetch-stock", action="store_true",
+                       help="only fetch the stock kernels of the engine releases compared against (needs a registry)")
     args = parser.parse_args(argv)
     if args.command == "bench":
         return _bench(args)

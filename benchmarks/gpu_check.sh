@@ -1,8 +1,18 @@
 #!/bin/bash
-# One GPU run: every kernel test on the GPU (bf16/fp16, CUDA graphs), then `attnplug bench` for the
-# benchmarks named in $BENCH (default: the simulated decode step). Results land in $OUT.
-# Usage (repo root, GPU machine, .vendor carried): OUT=dir [BENCH=metadata,copy,attention,step] bash benchmarks/gpu_check.sh
-source "$(dirname "$0")/gpu_prelude.sh"
-timeout ${TEST_TIMEOUT:-360} python3 -m pytest tests/core -q -p no:cacheprovider 2>&1 | tail -15 | tee -a "$OUT/log.txt" || status=1
-timeout ${BENCH_TIMEOUT:-300} python3 -m attnplug.cli bench --only "${BENCH:-step}" --out "$OUT" 2>&1 | tee -a "$OUT/log.txt" || status=1
+# One GPU run: the GPU tests named in $TESTS (default: every kernel test, bf16/fp16, CUDA graphs), then
+# `attnplug bench $BENCH_ARGS` (default: the default benchmarks, --quick). Results and log.txt land in $OUT.
+# Usage (repo root, GPU machine without a registry: .vendor carried, see `attnplug bench --fetch-stock`):
+#   OUT=dir [TESTS=tests/core|none] [BENCH_ARGS="--only attention"] bash benchmarks/gpu_check.sh
+set -o pipefail
+OUT=${OUT:-/tmp/out}
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
+mkdir -p "$OUT"
+{ nvidia-smi --query-gpu=name,memory.total --format=csv; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; date -u; } 2>&1 | tee "$OUT/log.txt"
+status=0
+if [ "${TESTS:-tests/core}" != none ]; then
+  timeout ${TEST_TIMEOUT:-360} python3 -m pytest ${TESTS:-tests/core} -q -p no:cacheprovider 2>&1 | tail -15 | tee -a "$OUT/log.txt" || status=1
+fi
+start=$(date +%s)
+timeout ${BENCH_TIMEOUT:-540} python3 -m attnplug.cli bench ${BENCH_ARGS:---quick} --out "$OUT" 2>&1 | tee -a "$OUT/log.txt" || status=1
+echo "attnplug bench took $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt"
 exit $status

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from attnplug.bench import speedups
+from attnplug.benchmarks import stock
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
@@ -20,24 +21,31 @@ def test_bench_without_a_gpu_says_so_and_exits_non_zero():
     assert "needs a CUDA GPU and found none" in done.stderr
 
 
-def test_speedups_pair_each_configuration_with_its_stock_row():
+def test_speedups_pair_each_configuration_with_each_peer_row():
     rows = [
         dict(bs="1", page_size="1", provider="torch_unfused", eager_us="100", graph_us="20", device="H100"),
         dict(bs="1", page_size="1", provider="attnplug", eager_us="25", graph_us="2", device="H100"),
+        dict(bs="1", page_size="1", provider="attnplug_plain_launch", eager_us="50", graph_us="2", device="H100"),
         dict(bs="8", page_size="1", provider="torch_unfused", eager_us="90", graph_us="30", device="H100"),
         dict(bs="8", page_size="1", provider="attnplug", eager_us="30", graph_us="3", device="H100"),
-        dict(bs="8", page_size="1", provider="sglang_fused", eager_us="50", graph_us="4", device="H100"),
-        dict(bs="32", page_size="1", provider="attnplug", eager_us="30", graph_us="3", device="H100"),  # no stock row
+        dict(bs="8", page_size="1", provider="sglang_fused", eager_us="60", graph_us="6", device="H100"),
+        dict(bs="32", page_size="1", provider="attnplug", eager_us="30", graph_us="3", device="H100"),  # no peer row
     ]
-    assert speedups(rows) == {"eager_us": [4.0, 3.0], "graph_us": [10.0, 10.0]}
+    assert speedups(rows) == {("torch_unfused", "eager_us"): [4.0, 3.0], ("torch_unfused", "graph_us"): [10.0, 10.0],
+                              ("sglang_fused", "eager_us"): [2.0], ("sglang_fused", "graph_us"): [2.0]}
+
+
+def test_speedups_of_a_wide_csv_are_its_speedup_columns():
+    rows = [dict(bs="1", stock_graph_us="4", attnplug_graph_us="2", speedup_graph="2.0"),
+            dict(bs="8", stock_graph_us="9", attnplug_graph_us="3", speedup_graph="3.0")]
+    assert speedups(rows) == {("stock", "speedup_graph"): [2.0, 3.0]}
 
 
 def test_verify_attention_benchmark_smoke_run(tmp_path):
     """bench_verify_attention.py on tiny shapes under the interpreter: every section runs and its CSV reads back."""
     import csv
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks import bench_verify_attention
+    from attnplug.benchmarks import bench_verify_attention
 
     bench_verify_attention.main(["--smoke", "--out", str(tmp_path)])
     with open(tmp_path / "verify_attention.csv", newline="") as f:
@@ -56,8 +64,7 @@ def test_draft_metadata_benchmark_smoke_run(tmp_path):
     """bench_draft_metadata.py on tiny shapes under the interpreter: outputs checked, CSV reads back."""
     import csv
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks import bench_draft_metadata
+    from attnplug.benchmarks import bench_draft_metadata
 
     bench_draft_metadata.main(["--smoke", "--out", str(tmp_path)])
     with open(tmp_path / "draft_metadata.csv", newline="") as f:
@@ -70,8 +77,7 @@ def test_verify_attention_benchmark_smoke_run_on_sglang_token_pool(tmp_path):
     """The same benchmark on SGLang's token pool (page 1): attnplug's verify and own-decode rows run."""
     import csv
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks import bench_verify_attention
+    from attnplug.benchmarks import bench_verify_attention
 
     bench_verify_attention.main(["--smoke", "--layout", "sglang", "--page-size", "1", "--sections", "grid",
                                  "--out", str(tmp_path)])
@@ -82,17 +88,16 @@ def test_verify_attention_benchmark_smoke_run_on_sglang_token_pool(tmp_path):
     assert {r["impl"] for r in rows} == {"attnplug", "attnplug_decode"}
 
 
-ROOT = Path(__file__).resolve().parent.parent
-VENDOR = ROOT / ".vendor"  # stock engine files (benchmarks/fetch_stock.py); CI clones may lack it
+VLLM_FETCHED = [stock.provider_name("vllm", v) for v in stock.VLLM_RELEASES if stock.release_dir("vllm", v).is_dir()]
+SGLANG_FETCHED = stock.release_dir("sglang", stock.SGLANG_RELEASE).is_dir()  # CI clones may lack the fetched copies
 
 
 @pytest.fixture
-def benchmark(monkeypatch):
-    """Imports ``benchmarks.<name>``; afterwards drops the vendored engine modules it imported (vLLM's and
-    SGLang's files under .vendor) and restores sys.path, so later tests see no engine."""
+def benchmark():
+    """Imports ``attnplug.benchmarks.<name>``; afterwards drops the fetched engine modules it imported (vLLM's
+    and SGLang's kernel files), so later tests see no engine."""
     before = set(sys.modules)
-    monkeypatch.setattr(sys, "path", [str(ROOT), *sys.path])
-    yield lambda name: importlib.import_module(f"benchmarks.{name}")
+    yield lambda name: importlib.import_module(f"attnplug.benchmarks.{name}")
     for name in set(sys.modules) - before:
         if name.split(".")[0] in ("vllm", "sglang"):
             del sys.modules[name]
@@ -113,7 +118,7 @@ def test_decode_metadata_benchmark_smoke_run(tmp_path, benchmark):
     assert all(float(r["host_us_per_call"]) > 0 for r in launch)
     rows = _rows(tmp_path / "decode_metadata.csv")
     providers = {"torch_unfused", "attnplug", "attnplug_plain_launch"}
-    if (VENDOR / "sglang_metadata" / "metadata.py").exists():
+    if SGLANG_FETCHED:
         providers |= {"sglang_fused", "sglang_fused_zero_tail"}
     assert {r["provider"] for r in rows} == providers
     assert len(rows) == 4 * len(providers)  # bs 1, 3 x page 1, 4
@@ -138,27 +143,27 @@ def test_nsa_draft_copy_benchmark_smoke_run(tmp_path, benchmark):
 
 
 def test_paged_attention_benchmark_smoke_run(tmp_path, benchmark):
-    """bench_paged_attention.py --smoke: decode, mixed and host sections; vLLM's kernel agrees with attnplug."""
+    """bench_paged_attention.py --smoke: decode, mixed and host sections; every peer agrees with attnplug."""
     benchmark("bench_paged_attention").main(["--smoke", "--out", str(tmp_path)])
     rows = _rows(tmp_path / "paged_attention.csv")
-    stock = (VENDOR / "vllm_stock").is_dir()
-    impls = {"decode": {"attnplug", "vllm_stock"}, "mixed": {"attnplug", "vllm_stock", "vllm_stock_hand_split"},
-             "host": {"attnplug", "vllm_stock"}}
+    vllm = set(VLLM_FETCHED)
+    impls = {"decode": {"attnplug", "flex_attention", "sdpa_dense", *vllm, *(["sglang_0_5"] if SGLANG_FETCHED else [])},
+             "mixed": {"attnplug", "flex_attention", *vllm, *([f"{VLLM_FETCHED[-1]}_hand_split"] if vllm else [])},
+             "host": {"attnplug", *vllm}}
     for section, names in impls.items():
         got = [r for r in rows if r["section"] == section]
-        assert {r["impl"] for r in got} == (names if stock else {"attnplug"}), section
+        assert {r["impl"] for r in got} == names, section
         assert all(float(r["host_us" if section == "host" else "eager_us"]) > 0 for r in got)
-    assert len([r for r in rows if r["section"] == "decode"]) == 2 * (2 if stock else 1)  # bs 1, 3
-    for row in rows:
-        if row["max_abs_diff"]:
-            assert float(row["max_abs_diff"]) < 1e-4, row
+    assert len([r for r in rows if r["section"] == "decode"]) == 2 * len(impls["decode"])  # bs 1, 3
+    peer_rows = [r for r in rows if r["section"] in ("decode", "mixed") and r["impl"] != "attnplug"]
+    assert all(float(r["max_abs_diff"]) < 1e-4 and float(r["attnplug_x"]) > 0 for r in peer_rows)
 
 
 def test_decode_step_benchmark_smoke_run(tmp_path, benchmark):
     """bench_decode_step.py (what `attnplug bench` runs by default) --smoke: the whole step, CSV and plot."""
     benchmark("bench_decode_step").main(["--smoke", "--out", str(tmp_path)])
     rows = _rows(tmp_path / "decode_step.csv")
-    stock = (VENDOR / "vllm_stock").is_dir()
+    stock = bool(VLLM_FETCHED)
     assert sorted(r["impl"] for r in rows) == (["attnplug", "attnplug", "stock", "stock"] if stock else
                                                 ["attnplug", "attnplug"])
     assert all(r["layers"] == "2" and float(r["eager_step_us"]) > 0 and r["graph_step_us"] == "" for r in rows)
@@ -167,9 +172,8 @@ def test_decode_step_benchmark_smoke_run(tmp_path, benchmark):
     assert (tmp_path / "decode_step.png").stat().st_size > 0
 
 
-@pytest.mark.skipif(not (VENDOR / "sglang_triton").is_dir(),
-                    reason="both providers run SGLang's Triton decode kernel: .vendor/sglang_triton missing "
-                           "(python benchmarks/fetch_stock.py)")
+@pytest.mark.skipif(not SGLANG_FETCHED, reason="both providers run SGLang's Triton decode kernel, not fetched here "
+                                                "(attnplug bench --fetch-stock)")
 def test_sglang_kv_splits_benchmark_smoke_run(tmp_path, benchmark):
     """bench_sglang_kv_splits.py --smoke: stock and planned splits give the same output (and the reference's)."""
     benchmark("bench_sglang_kv_splits").main(["--smoke", "--out", str(tmp_path)])

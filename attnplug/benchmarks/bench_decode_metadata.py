@@ -19,24 +19,22 @@ Providers (same inputs, same buffers):
 
 SGLang's module is loaded from .vendor/sglang_metadata/metadata.py (pip-downloaded sglang 0.5.23
 file, not committed). ``--smoke``: tiny shapes on the CPU (Triton interpreter), outputs checked, wall
-time only, CSVs written. Usage: PYTHONPATH=. python3 benchmarks/bench_decode_metadata.py [--out DIR] [--smoke]
+time only, CSVs written. Usage: python -m attnplug.benchmarks.bench_decode_metadata [--out DIR] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from attnplug.core import decode_metadata as dm
 from attnplug.core._launch import fast_launcher, launch
-from benchmarks.common import (
+from attnplug.benchmarks.common import (
     eager_us,
     environment,
     graph_us,

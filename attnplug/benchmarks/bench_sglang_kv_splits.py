@@ -22,12 +22,12 @@ Per bs: graph and host time of the split fill alone (heuristic launch vs ``fill_
 runs once per step, outside the decode CUDA graph, and the decode call once per layer: ``speedup_step``
 estimates a ``--layers``-layer step as (fill + layers x attn) stock over attnplug (graph times).
 
-Stock kernels come from the sglang 0.5.23 wheel files under ``.vendor/sglang_triton``
-(``python benchmarks/fetch_stock.py``); no sglang install is needed.
-  python3 benchmarks/bench_sglang_kv_splits.py [--out DIR] [--quick]   # GPU -> $OUT/sglang_kv_splits.csv
-  python3 benchmarks/bench_sglang_kv_splits.py --dry-run              # CPU: inputs + args of one small point
-  TRITON_INTERPRET=1 python3 benchmarks/bench_sglang_kv_splits.py --dry-run   # + run it in the interpreter
-  TRITON_INTERPRET=1 python3 benchmarks/bench_sglang_kv_splits.py --smoke     # CPU: the GPU run's code path on
+SGLang's kernels come from the installed sglang 0.5.23, else from a fetched copy of its wheel's files
+(:mod:`attnplug.benchmarks.stock`; ``attnplug bench --fetch-stock``).
+  python -m attnplug.benchmarks.bench_sglang_kv_splits [--out DIR] [--quick]   # GPU -> $OUT/sglang_kv_splits.csv
+  python -m attnplug.benchmarks.bench_sglang_kv_splits --dry-run              # CPU: inputs + args of one small point
+  TRITON_INTERPRET=1 python -m attnplug.benchmarks.bench_sglang_kv_splits --dry-run   # + run it in the interpreter
+  TRITON_INTERPRET=1 python -m attnplug.benchmarks.bench_sglang_kv_splits --smoke     # CPU: the GPU run's code path on
       tiny shapes (8 q / 2 kv heads of 32, fp16, a few points), outputs checked, wall time of one call only, CSV
 """
 
@@ -43,22 +43,25 @@ import time
 import torch
 import triton
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VENDOR = os.path.join(ROOT, ".vendor", "sglang_triton")
-sys.path.insert(0, ROOT)
-sys.path.insert(0, VENDOR)
-if not os.path.exists(os.path.join(VENDOR, "sglang", "kernels", "ops", "attention", "decode_attention.py")):
-    sys.exit(f"{VENDOR} lacks SGLang's kernels: run `python3 benchmarks/fetch_stock.py` first")
-
-from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
-from sglang.kernels.ops.attention.metadata import get_num_kv_splits_triton
-
 from attnplug.adapters.sglang.triton_splits import (
     _stock_heuristic_only,
     planned_get_num_kv_splits,
     planned_kv_splits,
 )
-from benchmarks.common import back_to_back_us, cudagraph_us, environment, issue_us, out_dir, wall_us, write_csv
+from attnplug.benchmarks import stock
+from attnplug.benchmarks.common import back_to_back_us, cudagraph_us, environment, issue_us, out_dir, wall_us, write_csv
+
+decode_attention_fwd = get_num_kv_splits_triton = None  # SGLang's kernels, set by load_sglang_kernels()
+
+
+def load_sglang_kernels() -> None:
+    """SGLang 0.5.23's decode and split heuristic, installed or fetched (both providers run them)."""
+    global decode_attention_fwd, get_num_kv_splits_triton
+    kernels = stock.sglang_kernels()
+    if kernels is None:
+        sys.exit(stock.missing_note(f"SGLang {stock.SGLANG_RELEASE}'s Triton decode"))
+    decode_attention_fwd = kernels[stock.SGLANG_DECODE].decode_attention_fwd
+    get_num_kv_splits_triton = kernels[stock.SGLANG_METADATA].get_num_kv_splits_triton
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_SIZE = 32, 8, 128
 DTYPE = torch.bfloat16
@@ -361,7 +364,7 @@ def summarize(rows, layers):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=None, help="output dir (default $OUT, else benchmarks/results)")
+    parser.add_argument("--out", default=None, help="output dir (default $OUT, else attnplug-bench-results)")
     parser.add_argument("--max-context-len", type=int, default=32768, help="the backend's model context length")
     parser.add_argument("--mixed-ctx", type=int, default=32768, help="mixed points: lengths uniform in [256, this]")
     parser.add_argument("--batches", type=int, nargs="+", default=BATCHES)
@@ -372,6 +375,7 @@ def main(argv=None):
     parser.add_argument("--dry-run", action="store_true", help="CPU: build one small point and print the args")
     parser.add_argument("--smoke", action="store_true", help="CPU: the run on tiny shapes (Triton interpreter)")
     args = parser.parse_args(argv)
+    load_sglang_kernels()
     if args.quick:
         args.batches, args.contexts = [1, 16, 128], [1024, 32768]
     if args.smoke:

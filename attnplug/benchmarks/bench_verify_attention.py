@@ -21,7 +21,7 @@ Sections: ``grid`` (q_len x bs x ctx), ``ragged`` (verify lengths after rejectio
 wall time per call of back-to-back eager calls. ``--smoke`` runs a few tiny points on the CPU
 (Triton interpreter, wall time only) so that the script is exercised by ``make test``.
 
-    python benchmarks/bench_verify_attention.py [--quick] [--before DIR] [--out DIR]
+    python -m attnplug.benchmarks.bench_verify_attention [--quick] [--before DIR] [--out DIR]
 """
 
 from __future__ import annotations
@@ -36,18 +36,14 @@ import sys
 import torch
 import triton
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from attnplug.core.attention import AttentionWorkspace, paged_attention, plan_attention  # noqa: E402
-from benchmarks.common import back_to_back_us, cudagraph_us, load_unified_attention, wall_us  # noqa: E402
+from attnplug.core.attention import AttentionWorkspace, paged_attention, plan_attention
+from attnplug.benchmarks.common import back_to_back_us, cudagraph_us, out_dir, wall_us
+from attnplug.benchmarks.peers import Heads, vllm_peers
 
-STOCK_SEGMENTS = 16
-MAX_3D_QUERY_LEN_0_33 = 8
 QUERY_LENS = [1, 2, 4, 8]
 BATCHES = [1, 4, 8, 16, 32, 64]
 CONTEXTS = [1024, 4096, 16384, 32768]
-VENDOR = {"vllm_0_32": "vllm_stock", "vllm_0_33": "vllm_stock_0_33"}
 FIELDS = ["section", "impl", "q_len", "bs", "ctx", "graph_us", "eager_us", "tbps", "x_vs_vllm_0_33",
           "x_vs_own_decode", "max_abs_diff", "case"]
 
@@ -114,31 +110,6 @@ def attnplug_call(attention, workspace, pool, b, num_decodes, max_decode_query_l
                                              softmax_scale=s.scale)
 
 
-class VllmStock:
-    """One vLLM release's ``unified_attention`` with the scratch its TRITON_ATTN builder allocates."""
-
-    def __init__(self, name: str, fn, shape: Shape, max_query_len: int):
-        self.name, self.fn, self.shape = name, fn, shape
-        self.threshold = 128 // shape.num_kv_heads  # seq_threshold_3D (no capture-size snapping)
-        rows = self.threshold * (min(max_query_len, MAX_3D_QUERY_LEN_0_33) if name == "vllm_0_33" else 1)
-        head_pad = triton.next_power_of_2(shape.head_size)
-        self.segm_out = torch.empty(rows, shape.num_q_heads, STOCK_SEGMENTS, head_pad, dtype=torch.float32,
-                                    device=shape.device)
-        self.segm_max = torch.empty(rows, shape.num_q_heads, STOCK_SEGMENTS, dtype=torch.float32, device=shape.device)
-        self.segm_expsum = torch.empty_like(self.segm_max)
-        self.one = torch.ones(1, dtype=torch.float32, device=shape.device)
-
-    def call(self, pool, b):
-        s = self.shape
-        return lambda: self.fn(
-            q=b["q"], k=pool.k, v=pool.v, out=b["out"], cu_seqlens_q=b["query_start_loc"],
-            max_seqlen_q=b["max_seqlen_q"], seqused_k=b["seq_lens"], max_seqlen_k=b["max_seqlen_k"],
-            softmax_scale=s.scale, causal=True, window_size=(-1, -1), block_table=b["block_table"], softcap=0,
-            q_descale=None, k_descale=self.one, v_descale=self.one, seq_threshold_3D=self.threshold,
-            num_par_softmax_segments=STOCK_SEGMENTS, softmax_segm_output=self.segm_out,
-            softmax_segm_max=self.segm_max, softmax_segm_expsum=self.segm_expsum)
-
-
 class Timer:
     """Graph + eager time on the GPU; wall time of one call under the interpreter (smoke run)."""
 
@@ -194,7 +165,7 @@ class Bench:
         if self.before is not None:  # before: only one-token sequences were decodes
             before_decodes = num_decodes if q_len == 1 else 0
             out.append(("before", attnplug_call(self.before, None, self.pool, b, before_decodes, None)))
-        out += [(name, stock.call(self.pool, b)) for name, stock in self.stock.items()]
+        out += [(name, peer.call(self.pool.k, self.pool.v, b)) for name, peer in self.stock.items()]
         return out
 
     def grid(self, rows, query_lens, batches, contexts):
@@ -229,7 +200,7 @@ def load_before(path):
 
 
 def write_csv(rows, path):
-    from benchmarks.common import environment
+    from attnplug.benchmarks.common import environment
 
     env = environment()
     with open(path, "w", newline="") as f:
@@ -265,7 +236,7 @@ def plot(rows, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--out", default=out_dir())
     parser.add_argument("--sections", default="grid,ragged,mixed")
     parser.add_argument("--quick", action="store_true", help="a subset of the grid")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
@@ -284,15 +255,12 @@ def main(argv=None):
         mixed, prefill_len = [(4, 4096, 4), (16, 16384, 4), (8, 16384, 8)], 512
     max_query_len = max(query_lens + [q for *_, q in ragged + mixed])
     os.makedirs(args.out, exist_ok=True)
-    stock = {}
-    for name, vendor in VENDOR.items():
-        vendor_dir = os.path.join(ROOT, ".vendor", vendor)
-        if args.layout != "vllm":
-            log(f"{name}: not compared on the {args.layout} layout (vLLM's kernels serve vLLM's cache)")
-        elif os.path.isdir(vendor_dir):
-            stock[name] = VllmStock(name, load_unified_attention(vendor_dir), shape, max_query_len)
-        else:
-            log(f"{name}: {vendor_dir} missing (run benchmarks/fetch_stock.py), not compared")
+    if args.layout == "vllm":
+        heads = Heads(shape.num_q_heads, shape.num_kv_heads, shape.head_size, shape.device)
+        stock = vllm_peers(heads, max_query_len)
+    else:
+        stock = {}
+        log(f"vLLM: not compared on the {args.layout} layout (vLLM's kernels serve vLLM's cache)")
     before = load_before(args.before) if args.before else None
     tokens = max(max(batches) * max(contexts), max(b for b, *_ in ragged + mixed) * max(c for _, c, _ in ragged + mixed))
     pool = Pool(shape, tokens + 4 * prefill_len + 64 * shape.page_size)

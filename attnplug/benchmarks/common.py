@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import csv
 import datetime
-import importlib
-import importlib.util
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterable
 
 import torch
+
+from attnplug.benchmarks import stock
 
 
 def eager_us(fn: Callable[[], object], *, warmup: int = 20, reps: int = 200) -> float:
@@ -166,35 +165,16 @@ def write_csv(path: str, rows: Iterable[dict]) -> None:
             writer.writerow({**row, **env})
 
 
-def out_dir(default: str = "benchmarks/results") -> str:
+def out_dir(default: str = "attnplug-bench-results") -> str:
     """Where results go: ``$OUT`` on the GPU machine, else ``default``."""
     return os.environ.get("OUT") or default
 
 
-SGLANG_METADATA_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                    ".vendor", "sglang_metadata", "metadata.py")
-
-
 def load_sglang_normal_decode_set_metadata():
-    """SGLang 0.5.23's fused ``normal_decode_set_metadata`` from ``.vendor`` (``benchmarks/fetch_stock.py``;
-    the module imports only torch and Triton), or None with a warning when it was not fetched."""
-
-    if not os.path.exists(SGLANG_METADATA_FILE):
-        print(f"[warn] {SGLANG_METADATA_FILE} missing (run benchmarks/fetch_stock.py): SGLang provider skipped")
+    """SGLang 0.5.23's fused ``normal_decode_set_metadata`` (installed or fetched, :mod:`.stock`), or None
+    with a warning when neither."""
+    kernels = stock.sglang_kernels()
+    if kernels is None:
+        print(stock.missing_note(f"SGLang {stock.SGLANG_RELEASE}'s normal_decode_set_metadata"), flush=True)
         return None
-    spec = importlib.util.spec_from_file_location("sglang_metadata_vendored", SGLANG_METADATA_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.normal_decode_set_metadata
-
-
-def load_unified_attention(vendor_dir: str):
-    """vLLM's ``unified_attention`` from one release's files under ``.vendor`` (``benchmarks/fetch_stock.py``;
-    several releases in one process: any ``vllm`` already imported is dropped first)."""
-    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
-        del sys.modules[name]
-    sys.path.insert(0, vendor_dir)
-    try:
-        return importlib.import_module("vllm.v1.attention.ops.triton_unified_attention").unified_attention
-    finally:
-        sys.path.remove(vendor_dir)
+    return kernels[stock.SGLANG_METADATA].normal_decode_set_metadata

