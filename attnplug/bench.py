@@ -21,7 +21,7 @@ BENCHMARKS = {  # name -> (module in attnplug.benchmarks, CSV it writes, takes -
     "attention": ("bench_paged_attention", "paged_attention.csv", True),
     "verify": ("bench_verify_attention", "verify_attention.csv", True),
     "step": ("bench_decode_step", "decode_step.csv", True),
-    "draft": ("bench_draft_metadata", "draft_metadata.csv", False),
+    "draft": ("bench_draft_metadata", "draft_metadata.csv", True),
     "kv_splits": ("bench_sglang_kv_splits", "sglang_kv_splits.csv", True),
     "nsa": ("bench_nsa_draft_copy", "nsa_draft_copy.csv", False),
 }

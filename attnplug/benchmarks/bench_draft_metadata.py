@@ -102,6 +102,8 @@ class DraftBatch:
 def run(args) -> list[dict]:
     grid = SMOKE if args.smoke else dict(steps=STEPS, batches=BATCHES, page_sizes=PAGE_SIZES, max_lens=MAX_LENS,
                                          context=CONTEXT)
+    if args.quick:
+        grid = dict(grid, batches=[1, 64], max_lens=MAX_LENS[-1:])
     device = "cpu" if args.smoke else "cuda"
     stock = load_sglang_normal_decode_set_metadata()
     rows = []
@@ -131,7 +133,8 @@ def run(args) -> list[dict]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="results dir (default: $OUT or benchmarks/results)")
+    parser.add_argument("--out", default=None, help="results dir (default: $OUT or attnplug-bench-results)")
+    parser.add_argument("--quick", action="store_true", help="bs 1 and 64 at the longer max_len only")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
     args = parser.parse_args(argv)
     rows = run(args)

@@ -53,7 +53,8 @@ DTYPE = torch.bfloat16
 SCALE = HEAD_SIZE ** -0.5
 DECODE_BATCHES = [1, 4, 8, 12, 16, 24, 32, 64, 128]
 CONTEXTS = [1024, 4096, 16384, 32768]
-QUICK = dict(batches=[1, 4, 32, 128], contexts=[1024, 4096, 32768])
+QUICK = dict(batches=[1, 4, 32, 128], contexts=[1024, 4096, 32768],
+             mixed=dict(contexts=(4096,), decodes=(4, 16), prefill_len=512, num_prefills=4))
 DEVICE = torch.device("cuda")
 MIXED = dict(contexts=(4096, 16384), decodes=(1, 4, 16), prefill_len=512, num_prefills=4)
 HOST_CASES = {  # name -> (query lens, seq lens, decodes)
@@ -105,14 +106,11 @@ class KVPool:
         kv.normal_()
         self.k, self.v = kv[:, 0], kv[:, 1]
         self.perm = (torch.randperm(self.num_pages - 1, device=DEVICE) + 1).to(torch.int32)
-        self._tokens = None
 
     def tokens(self):
         """(k, v) ``[num_pages * page, kv_heads, head]`` each: the same pages flat, as SGLang's token pool
-        and FlexAttention read them (slot = page * page_size + i); made on first use."""
-        if self._tokens is None:
-            self._tokens = tuple(x.flatten(0, 1).clone() for x in (self.k, self.v))
-        return self._tokens
+        reads them (slot = page * page_size + i)."""
+        return tuple(x.flatten(0, 1).clone() for x in (self.k, self.v))
 
     def batch(self, query_lens, seq_lens):
         num_seqs = len(seq_lens)
@@ -160,37 +158,47 @@ def hand_split(vllm, pool, b, num_decodes, decode_ctx, prefill_len):
 
 
 class Peers:
-    """The peers found on this machine, each asked for a callable per batch (None: it cannot run it)."""
+    """The peers found on this machine, each asked for a callable per batch; a peer that refuses a batch
+    (``ValueError``) is logged and left out of that point."""
 
     def __init__(self, pool: KVPool, names: list[str]):
         self.pool = pool
-        self.vllm = peers.vllm_peers(heads()) if any(n.startswith("vllm") for n in names) else {}
-        self.sglang = self.flex = self.sdpa = None
-        if "sglang" in names:
-            self.sglang = peers.sglang_peer(heads(), *pool.tokens(), PAGE_SIZE)
-        if "flex" in names:
-            self.flex = peers.FlexPaged(heads(), *pool.tokens(), PAGE_SIZE)
-        if "sdpa" in names:
-            self.sdpa = peers.SdpaDense(heads())
+        self.vllm = peers.vllm_peers(heads()) if "vllm" in names else {}
+        self.sglang = peers.sglang_peer(heads(), *pool.tokens(), PAGE_SIZE) if "sglang" in names else None
+        self.flex = peers.FlexPaged(heads(), PAGE_SIZE) if "flex" in names else None
+        self.sdpa = peers.SdpaDense(heads()) if "sdpa" in names else None
+
+    @staticmethod
+    def _built(makers) -> list:
+        out = []
+        for name, make in makers:
+            try:
+                out.append((name, make()))
+            except ValueError as exc:
+                log(f"[skip] {name}: {exc}")
+        return out
 
     def decode(self, b):
-        out = [(name, vllm.call(self.pool.k, self.pool.v, b)) for name, vllm in self.vllm.items()]
+        k, v = self.pool.k, self.pool.v
+        makers = [(name, lambda vllm=vllm: vllm.call(k, v, b)) for name, vllm in self.vllm.items()]
         if self.sglang:
-            out.append((self.sglang.name, self.sglang.call(b)))
+            makers.append((self.sglang.name, lambda: self.sglang.call(b)))
         if self.flex:
-            out.append((self.flex.name, self.flex.call(b)))
+            makers.append((self.flex.name, lambda: self.flex.call(k, v, b)))
         if self.sdpa:
-            out.append((self.sdpa.name, self.sdpa.call(self.pool.k, self.pool.v, b)))
-        return out
+            makers.append((self.sdpa.name, lambda: self.sdpa.call(k, v, b)))
+        return self._built(makers)
 
     def mixed(self, b, num_decodes, decode_ctx, prefill_len):
-        out = [(name, vllm.call(self.pool.k, self.pool.v, b)) for name, vllm in self.vllm.items()]
+        k, v = self.pool.k, self.pool.v
+        makers = [(name, lambda vllm=vllm: vllm.call(k, v, b)) for name, vllm in self.vllm.items()]
         if self.vllm:
             name, newest = list(self.vllm.items())[-1]
-            out.append((f"{name}_hand_split", hand_split(newest, self.pool, b, num_decodes, decode_ctx, prefill_len)))
+            makers.append((f"{name}_hand_split",
+                           lambda: hand_split(newest, self.pool, b, num_decodes, decode_ctx, prefill_len)))
         if self.flex:
-            out.append((self.flex.name, self.flex.call(b)))
-        return out
+            makers.append((self.flex.name, lambda: self.flex.call(k, v, b)))
+        return self._built(makers)
 
 
 def kv_bytes(seq_lens) -> int:
@@ -322,10 +330,10 @@ def section_decode(pool, found, ceiling, rows, batches, contexts):
         for bs in batches:
             b = pool.batch([1] * bs, [ctx] * bs)
             fn, plan = ours(pool, b, bs)
+            nbytes = kv_bytes([ctx] * bs)
+            reference_tbps = ceiling.tbps(nbytes) if ceiling else None  # its row first
             first = len(rows)
             results = run_providers(b, [("attnplug", fn)] + found.decode(b), rows, section="decode", bs=bs, ctx=ctx)
-            nbytes = kv_bytes([ctx] * bs)
-            reference_tbps = ceiling.tbps(nbytes) if ceiling else None
             for row in rows[first:]:
                 if row["graph_us"] is not None:
                     row["tbps"] = round(nbytes / row["graph_us"] / 1e6, 3)
@@ -375,7 +383,9 @@ def section_hostprof(pool):
     fn()
     k, v = pool.k, pool.v
     parts = {
-        "check_inputs": lambda: paged_module._check_inputs(b["q"], k, v, b["block_table"], plan, b["out"], None),
+        "check_inputs": lambda: paged_module._check_inputs(
+            b["q"], k, v, b["block_table"], plan, b["out"], None,
+            tuple(x.stride() for x in (b["q"], b["out"], k, v, b["block_table"]))),
         "paged_attention (decode + reduce)": fn,
         "plan_attention": lambda: ours(pool, b, 4),
     }
@@ -446,7 +456,7 @@ def main(argv=None):
     batches, contexts = [int(b) for b in args.batches.split(",")], [int(c) for c in args.contexts.split(",")]
     mixed, host_cases = MIXED, HOST_CASES
     if args.quick:
-        batches, contexts = QUICK["batches"], QUICK["contexts"]
+        batches, contexts, mixed = QUICK["batches"], QUICK["contexts"], QUICK["mixed"]
     if args.smoke:
         use_smoke_shapes()
         sections = [s for s in sections if s in ("decode", "mixed", "host")]

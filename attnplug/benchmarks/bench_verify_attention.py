@@ -250,9 +250,11 @@ def main(argv=None):
         ragged, mixed, prefill_len = [(3, 80, 4)], [(2, 80, 3)], 24
     else:
         query_lens = QUERY_LENS
-        batches, contexts = ([1, 8, 32], [4096, 32768]) if args.quick else (BATCHES, CONTEXTS)
+        batches, contexts = (BATCHES, CONTEXTS)
         ragged = [(4, 16384, 4), (16, 16384, 4), (32, 4096, 8), (64, 32768, 4)]
         mixed, prefill_len = [(4, 4096, 4), (16, 16384, 4), (8, 16384, 8)], 512
+        if args.quick:
+            query_lens, batches, contexts, ragged, mixed = [1, 4, 8], [1, 32], [4096, 32768], ragged[1:2], mixed[:1]
     max_query_len = max(query_lens + [q for *_, q in ragged + mixed])
     os.makedirs(args.out, exist_ok=True)
     if args.layout == "vllm":

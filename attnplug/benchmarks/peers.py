@@ -155,24 +155,26 @@ def unique_static_unsorted(x: torch.Tensor, num_values: int) -> torch.Tensor:
 
 
 class FlexPaged:
-    """torch FlexAttention over the paged cache, as vLLM 0.33's ``FLEX_ATTENTION`` backend runs it.
+    """torch FlexAttention over a paged cache, as vLLM 0.33's ``FLEX_ATTENTION`` backend runs it.
 
-    The cache is one sequence of ``num_slots`` tokens (``[1, kv_heads, num_slots, head]``); the block
-    mask is built directly (vLLM's ``_build_block_mask_direct``): queries in groups of 16, each group
-    reading the union of its sequences' live pages (so a group of decodes of 16 sequences reads all 16
+    The cache is one sequence of slots (``[1, kv_heads, num_pages * page, head]``); the block mask is
+    built directly (vLLM's ``_build_block_mask_direct``): queries in groups of 16, each group reading
+    the union of its sequences' live pages (so a group of decodes of 16 sequences reads all 16
     sequences' pages), one KV block per page, and a mask_mod mapping physical slots back to logical
     positions (``physical_to_logical``) with the causal rule. Page 0 is never live (vLLM's null
-    block). ``flex_attention`` is compiled (``fullgraph``) on the GPU and runs eagerly on the CPU."""
+    block). ``flex_attention`` is compiled (``fullgraph``) on the GPU and runs eagerly on the CPU.
+
+    Flex's kernel indexes the cache with 32-bit offsets, so each batch gets a compact cache of the
+    pages it reads (same order within each sequence, page ids renumbered); a batch whose own KV
+    exceeds 2^31 elements per cache tensor is refused with a ``ValueError``."""
 
     name = "flex_attention"
     Q_BLOCK = 16
 
-    def __init__(self, heads: Heads, k_tokens, v_tokens, page_size: int):
+    def __init__(self, heads: Heads, page_size: int):
         from torch.nn.attention.flex_attention import flex_attention
 
         self.heads, self.page_size = heads, page_size
-        self.k, self.v = (t.permute(1, 0, 2).unsqueeze(0) for t in (k_tokens, v_tokens))
-        self.num_pages = k_tokens.shape[0] // page_size
         if heads.device.type == "cuda":
             torch._dynamo.config.recompile_limit = 64
             torch._dynamo.config.fail_on_recompile_limit_hit = True  # never the eager flex (it materializes scores)
@@ -181,18 +183,31 @@ class FlexPaged:
         else:
             self.flex, self.kernel_options = flex_attention, None
 
-    def block_mask(self, b: dict):
+    def compact_cache(self, k_pages, v_pages, block_table):
+        """(k, v ``[1, kv_heads, (1 + n) * page, head]``, block table over them): the n pages ``block_table``
+        names, renumbered from 1 (page 0: the null block)."""
+        pages, renumbered = torch.unique(block_table.long(), return_inverse=True)
+        if (1 + pages.numel()) * self.page_size * self.heads.num_kv_heads * self.heads.head_size >= 2 ** 31:
+            raise ValueError(f"the batch's KV ({pages.numel()} pages) exceeds the 2^31 elements FlexAttention's "
+                             f"32-bit cache offsets address")
+
+        def compact(cache):
+            flat = torch.cat([cache[:1] * 0, cache[pages]]).flatten(0, 1)  # [slots, kv_heads, head]
+            return flat.permute(1, 0, 2).unsqueeze(0)
+
+        return compact(k_pages), compact(v_pages), (renumbered + 1).to(torch.int32)
+
+    def block_mask(self, b: dict, block_table: torch.Tensor, num_pages: int):
         from torch.nn.attention.flex_attention import BlockMask
 
         device, page = self.heads.device, self.page_size
-        qsl, seq_lens, block_table = b["query_start_loc"].long(), b["seq_lens"].long(), b["block_table"].long()
+        qsl, seq_lens, block_table = b["query_start_loc"].long(), b["seq_lens"].long(), block_table.long()
         bs, max_pages = block_table.shape
         num_tokens = int(qsl[-1])
         doc_ids = torch.repeat_interleave(torch.arange(bs, device=device), qsl[1:] - qsl[:-1])
-        pages_per_seq = (seq_lens + page - 1) // page
         logical = torch.arange(max_pages, device=device)
-        live = logical[None, :] < pages_per_seq[:, None]
-        physical_to_logical = torch.full((bs, self.num_pages), -1, dtype=torch.long, device=device)
+        live = logical[None, :] < ((seq_lens + page - 1) // page)[:, None]
+        physical_to_logical = torch.full((bs, num_pages), -1, dtype=torch.long, device=device)
         physical_to_logical.scatter_reduce_(1, torch.where(live, block_table, 0), torch.where(live, logical, 0),
                                             reduce="amax")
         physical_to_logical[:, 0] = -1
@@ -201,7 +216,7 @@ class FlexPaged:
         used = block_table[doc_ids].masked_fill(~live[doc_ids] | (logical[None, :] * page > q_pos[:, None]), 0)
         pad = (-num_tokens) % self.Q_BLOCK
         used = torch.cat([used, used.new_zeros(pad, max_pages)]).reshape(-1, self.Q_BLOCK * max_pages)
-        kv_indices = unique_static_unsorted(used, self.num_pages).to(torch.int32)
+        kv_indices = unique_static_unsorted(used, num_pages).to(torch.int32)
         kv_num_blocks = (kv_indices >= 0).sum(dim=-1).to(torch.int32)
 
         def mask_mod(_b, _h, q_idx, kv_idx):
@@ -213,18 +228,19 @@ class FlexPaged:
 
         return BlockMask.from_kv_blocks(kv_num_blocks[None, None], kv_indices[None, None], None, None,
                                         BLOCK_SIZE=(self.Q_BLOCK, page), mask_mod=mask_mod,
-                                        seq_lengths=(num_tokens, self.k.shape[2]), compute_q_blocks=False)
+                                        seq_lengths=(num_tokens, num_pages * page), compute_q_blocks=False)
 
-    def call(self, b: dict):
-        """The block mask is built here, once per batch (vLLM builds it in the metadata builder); the
-        callable is the layer's work: the flex call and the copy into ``out``."""
-        mask = self.block_mask(b)
+    def call(self, k_pages, v_pages, b: dict):
+        """``k_pages`` / ``v_pages``: ``[num_pages, page, kv_heads, head]``. The compact cache and the block mask
+        are built here, once per batch (vLLM builds the mask in its metadata builder); the callable is the
+        layer's work: the flex call and the copy into ``out``."""
+        k, v, block_table = self.compact_cache(k_pages, v_pages, b["block_table"])
+        mask = self.block_mask(b, block_table, k.shape[2] // self.page_size)
         q = b["q"].unsqueeze(0).transpose(1, 2)  # [1, q_heads, num_tokens, head]
         gqa = self.heads.num_q_heads != self.heads.num_kv_heads
 
         def fn():
-            out = self.flex(q, self.k, self.v, None, mask, self.heads.scale, enable_gqa=gqa,
-                            kernel_options=self.kernel_options)
+            out = self.flex(q, k, v, None, mask, self.heads.scale, enable_gqa=gqa, kernel_options=self.kernel_options)
             b["out"].copy_(out[0].transpose(0, 1))
 
         return fn

@@ -18,38 +18,44 @@ _launch_prefill = fast_launcher(_prefill_kernel)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _check_inputs(q, k_cache, v_cache, block_table, plan, out, sinks) -> None:
-    """Cheap host checks (shapes, dtypes, devices); nothing here reads device memory."""
+def _check_inputs(q, k_cache, v_cache, block_table, plan, out, sinks, strides) -> None:
+    """Cheap host checks (shapes, dtypes, devices); nothing here reads device memory. ``strides``: the
+    ``stride()`` tuples of q, out, k_cache, v_cache and block_table (computed once by the caller: on the
+    host path of every layer, each tensor attribute read costs)."""
     if not isinstance(plan, AttentionPlan):
         raise TypeError(f"plan must be an AttentionPlan from plan_attention, got {type(plan).__name__}")
-    if q.dim() != 3 or q.shape[1] != plan.num_q_heads or q.shape[2] != plan.head_size:
-        raise ValueError(f"q must be [num_tokens, {plan.num_q_heads}, {plan.head_size}], got {tuple(q.shape)}")
-    if q.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
-    if out.shape != q.shape or out.dtype != q.dtype:
-        raise ValueError(f"out must match q ({tuple(q.shape)}, {q.dtype}), got {tuple(out.shape)}, {out.dtype}")
-    if q.stride(2) != 1 or out.stride(2) != 1:
+    q_shape, dtype, device = q.shape, q.dtype, q.device
+    if len(q_shape) != 3 or q_shape[1] != plan.num_q_heads or q_shape[2] != plan.head_size:
+        raise ValueError(f"q must be [num_tokens, {plan.num_q_heads}, {plan.head_size}], got {tuple(q_shape)}")
+    if dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16 or float32, got {dtype}")
+    if out.shape != q_shape or out.dtype != dtype:
+        raise ValueError(f"out must match q ({tuple(q_shape)}, {dtype}), got {tuple(out.shape)}, {out.dtype}")
+    q_strides, out_strides, _, _, block_table_strides = strides
+    if q_strides[2] != 1 or out_strides[2] != 1:
         raise ValueError("q and out must be contiguous in their last (head_size) dimension")
     expected_cache = (plan.page_size, plan.num_kv_heads, plan.head_size)
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if cache.dim() != 4 or tuple(cache.shape[1:]) != expected_cache:
-            raise ValueError(f"{name} must be [num_pages, {', '.join(map(str, expected_cache))}], got {tuple(cache.shape)}")
-        if cache.dtype != q.dtype:
-            raise TypeError(f"{name} dtype {cache.dtype} differs from q dtype {q.dtype}")
-        if cache.device != q.device:
-            raise ValueError(f"{name} is on {cache.device} but q on {q.device}")
-    if block_table.dim() != 2 or block_table.dtype != torch.int32 or block_table.shape[0] < plan.num_seqs:
+        shape = cache.shape
+        if len(shape) != 4 or shape[1:] != expected_cache:
+            raise ValueError(f"{name} must be [num_pages, {', '.join(map(str, expected_cache))}], got {tuple(shape)}")
+        if cache.dtype != dtype:
+            raise TypeError(f"{name} dtype {cache.dtype} differs from q dtype {dtype}")
+        if cache.device != device:
+            raise ValueError(f"{name} is on {cache.device} but q on {device}")
+    table_shape = block_table.shape
+    if len(table_shape) != 2 or block_table.dtype != torch.int32 or table_shape[0] < plan.num_seqs:
         raise ValueError(f"block_table must be int32 [>= num_seqs={plan.num_seqs}, max_pages_per_seq], "
-                         f"got {block_table.dtype} {tuple(block_table.shape)}")
-    if block_table.stride(1) != 1:
+                         f"got {block_table.dtype} {tuple(table_shape)}")
+    if block_table_strides[1] != 1:
         raise ValueError("block_table must be contiguous in its last dimension")
-    if q.device != plan.seq_lens.device or out.device != q.device or block_table.device != q.device:
-        raise ValueError(f"q, out, block_table and the plan's tensors must share one device (q is on {q.device})")
-    if plan.max_num_tokens is not None and q.shape[0] > plan.max_num_tokens:
-        raise ValueError(f"q has {q.shape[0]} tokens but the workspace was allocated for "
+    if device != plan.seq_lens.device or out.device != device or block_table.device != device:
+        raise ValueError(f"q, out, block_table and the plan's tensors must share one device (q is on {device})")
+    if plan.max_num_tokens is not None and q_shape[0] > plan.max_num_tokens:
+        raise ValueError(f"q has {q_shape[0]} tokens but the workspace was allocated for "
                          f"max_num_tokens={plan.max_num_tokens}")
-    if q.shape[0] < plan.num_seqs:
-        raise ValueError(f"q has {q.shape[0]} tokens, fewer than the plan's {plan.num_seqs} sequences")
+    if q_shape[0] < plan.num_seqs:
+        raise ValueError(f"q has {q_shape[0]} tokens, fewer than the plan's {plan.num_seqs} sequences")
     if sinks is not None and (sinks.shape != (plan.num_q_heads,) or sinks.dtype != torch.float32):
         raise ValueError(f"sinks must be float32 [{plan.num_q_heads}], got {sinks.dtype} {tuple(sinks.shape)}")
 
@@ -109,7 +115,8 @@ def paged_attention(
     torch.Tensor
         ``out``.
     """
-    _check_inputs(q, k_cache, v_cache, block_table, plan, out, sinks)
+    all_strides = (q.stride(), out.stride(), k_cache.stride(), v_cache.stride(), block_table.stride())
+    _check_inputs(q, k_cache, v_cache, block_table, plan, out, sinks, all_strides)
     if not causal and plan.num_decodes and plan.max_decode_query_len > 1:
         raise ValueError("causal=False is not supported for decode-like sequences of several query tokens "
                          "(plan them as prefills: num_decodes=0)")
@@ -122,9 +129,10 @@ def paged_attention(
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     common = (q, k_cache, v_cache, block_table, plan.seq_lens, plan.query_start_loc, sinks,
               float(softmax_scale), float(softcap) if use_softcap else 0.0, max(window_left, 0))
-    q_strides, out_strides, k_strides, v_strides = q.stride(), out.stride(), k_cache.stride(), v_cache.stride()
+    q_strides, out_strides, k_strides, v_strides, block_table_strides = all_strides
     k_dim_contiguous, v_dim_contiguous = k_strides[3] == 1, v_strides[3] == 1
-    strides = (q_strides[0], q_strides[1], out_strides[0], out_strides[1], block_table.stride(0), *k_strides, *v_strides)
+    strides = (q_strides[0], q_strides[1], out_strides[0], out_strides[1], block_table_strides[0], *k_strides,
+               *v_strides)
     # constexprs go positionally, the plan's first (their dict order is the kernel's): a cheaper launch key
 
     if plan.num_decodes:
