@@ -53,7 +53,7 @@ DTYPE = torch.bfloat16
 SCALE = HEAD_SIZE ** -0.5
 DECODE_BATCHES = [1, 4, 8, 12, 16, 24, 32, 64, 128]
 CONTEXTS = [1024, 4096, 16384, 32768]
-QUICK = dict(batches=[1, 4, 32, 128], contexts=[1024, 4096, 32768],
+QUICK = dict(batches=[1, 4, 32], contexts=[1024, 4096, 32768],
              mixed=dict(contexts=(4096,), decodes=(4, 16), prefill_len=512, num_prefills=4))
 DEVICE = torch.device("cuda")
 MIXED = dict(contexts=(4096, 16384), decodes=(1, 4, 16), prefill_len=512, num_prefills=4)
@@ -223,7 +223,7 @@ class ReadCeiling:
     included; the decode kernel also gathers pages and does the attention math)."""
 
     OPTIONS = list(itertools.product((2048, 4096, 8192), (1, 2, 4, 8, 16), (4, 8)))  # BLOCK, ITERS, warps
-    QUICK_OPTIONS = list(itertools.product((4096, 8192), (1, 4), (4, 8)))
+    QUICK_OPTIONS = list(itertools.product((2048, 8192), (1, 8), (8,)))
 
     def __init__(self, rows, quick: bool = False):
         self.rows, self.cache = rows, {}
