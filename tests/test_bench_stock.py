@@ -21,6 +21,8 @@ def engines(tmp_path, monkeypatch):
     """An empty stock dir and an 'installed' vLLM of a chosen version; module caches cleared around the test."""
     fetched, installed = tmp_path / "stock", tmp_path / "site"
     monkeypatch.setenv(stock.STOCK_DIR_ENV, str(fetched))
+    for name in [m for m in sys.modules if m.split(".")[0] == "vllm"]:  # an engine imported by an earlier test
+        monkeypatch.delitem(sys.modules, name)
     before = set(sys.modules)
 
     def install(version):

@@ -17,8 +17,7 @@ Providers (same inputs, same buffers):
   attnplug           ``fused_decode_metadata`` (fast launch path).
   attnplug_plain_launch  the same kernel through the plain ``kernel[grid](...)`` launch.
 
-SGLang's module is loaded from .vendor/sglang_metadata/metadata.py (pip-downloaded sglang 0.5.23
-file, not committed). ``--smoke``: tiny shapes on the CPU (Triton interpreter), outputs checked, wall
+SGLang 0.5.23's module comes from the installed sglang, else a fetched copy (:mod:`.stock`). ``--smoke``: tiny shapes on the CPU (Triton interpreter), outputs checked, wall
 time only, CSVs written. Usage: python -m attnplug.benchmarks.bench_decode_metadata [--out DIR] [--smoke]
 """
 

@@ -9,8 +9,8 @@ Providers (same inputs; every output checked identical before timing):
                        (topk 1): each step's backend refills its own buffers with one
                        ``normal_decode_set_metadata`` launch (``_set_decode_page_metadata``,
                        ``seq_len_delta = step + 1``, ``max_num_pages`` = the context): T - 1 launches.
-                       SGLang's own Triton module, loaded from ``.vendor/sglang_metadata/metadata.py``
-                       (``benchmarks/fetch_stock.py``); SGLang cannot be installed on the GPU machine.
+                       SGLang's own Triton module, from the installed sglang 0.5.23, else a
+                       fetched copy (:mod:`.stock`).
   attnplug             the ``attnplug`` multi-step draft backend: ONE ``fused_decode_metadata`` launch
                        writes every step's lengths and prefix sums (2-D outputs) and the one page table
                        all steps share (``max_seq_pages`` from the host maximum, as the backend passes).

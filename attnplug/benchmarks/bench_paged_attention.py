@@ -35,7 +35,6 @@ CSV written.
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import os
 
@@ -44,7 +43,7 @@ import triton
 import triton.language as tl
 
 from attnplug.benchmarks import peers
-from attnplug.benchmarks.common import back_to_back_us, cudagraph_us, issue_us, out_dir, wall_us
+from attnplug.benchmarks.common import back_to_back_us, cudagraph_us, issue_us, out_dir, wall_us, write_csv
 from attnplug.core.attention import AttentionWorkspace, paged_attention, plan_attention
 from attnplug.core.attention import plan as plan_module
 
@@ -396,16 +395,8 @@ def section_hostprof(pool):
             f"cached={len(launcher._entries)}")
 
 
-def write_csv(rows, path):
-    from attnplug.benchmarks.common import environment
-
-    env = environment()
-    fields = ["section", "impl", "bs", "ctx", "num_prefills", "prefill_len", "segments", "graph_us", "eager_us",
+CSV_FIELDS = ["section", "impl", "bs", "ctx", "num_prefills", "prefill_len", "segments", "graph_us", "eager_us",
               "tbps", "read_share", "attnplug_x", "host_us", "max_abs_diff", "case"]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields + list(env))
-        writer.writeheader()
-        writer.writerows({**row, **env} for row in rows)
 
 
 def plot(rows, path):
@@ -476,7 +467,7 @@ def main(argv=None):
             try:
                 section_sweep(pool, sweep_rows, batches, contexts, args.sweep_rules.split(","))
             finally:
-                write_csv(sweep_rows, os.path.join(args.out, "paged_attention_sweep.csv"))
+                write_csv(os.path.join(args.out, "paged_attention_sweep.csv"), sweep_rows, CSV_FIELDS)
         if "decode" in sections:
             section_decode(pool, found, ceiling, rows, batches, contexts)
         if "mixed" in sections:
@@ -486,7 +477,7 @@ def main(argv=None):
         if "hostprof" in sections:
             section_hostprof(pool)
     finally:
-        write_csv(rows, csv_path)
+        write_csv(csv_path, rows, CSV_FIELDS)
         if not args.smoke:
             plot(rows, os.path.join(args.out, "paged_attention_decode.png"))
     log(f"wrote {csv_path}")

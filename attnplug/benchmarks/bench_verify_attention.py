@@ -27,7 +27,6 @@ wall time per call of back-to-back eager calls. ``--smoke`` runs a few tiny poin
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import os
 import random
@@ -38,7 +37,7 @@ import triton
 
 
 from attnplug.core.attention import AttentionWorkspace, paged_attention, plan_attention
-from attnplug.benchmarks.common import back_to_back_us, cudagraph_us, out_dir, wall_us
+from attnplug.benchmarks.common import back_to_back_us, cudagraph_us, out_dir, wall_us, write_csv
 from attnplug.benchmarks.peers import Heads, vllm_peers
 
 QUERY_LENS = [1, 2, 4, 8]
@@ -199,16 +198,6 @@ def load_before(path):
     return importlib.import_module("attnplug_before_attention")
 
 
-def write_csv(rows, path):
-    from attnplug.benchmarks.common import environment
-
-    env = environment()
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS + list(env))
-        writer.writeheader()
-        writer.writerows({**row, **env} for row in rows)
-
-
 def plot(rows, path):
     import matplotlib
 
@@ -281,7 +270,7 @@ def main(argv=None):
         if "mixed" in sections:
             bench.mixed(rows, mixed, prefill_len)
     finally:
-        write_csv(rows, csv_path)
+        write_csv(csv_path, rows, FIELDS)
         if not args.smoke:
             plot(rows, os.path.join(args.out, f"{name}.png"))
     log(f"wrote {csv_path}")

@@ -151,15 +151,16 @@ def environment() -> dict:
     }
 
 
-def write_csv(path: str, rows: Iterable[dict]) -> None:
-    """Rows (dicts with the same keys) to ``path``, with the environment columns appended."""
+def write_csv(path: str, rows: Iterable[dict], fields: list[str] | None = None) -> None:
+    """Rows to ``path`` with the environment columns appended; ``fields``: the columns (rows may lack some),
+    default the first row's keys."""
     rows = list(rows)
     if not rows:
         return
     env = environment()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + list(env))
+        writer = csv.DictWriter(f, fieldnames=(fields or list(rows[0])) + list(env))
         writer.writeheader()
         for row in rows:
             writer.writerow({**row, **env})

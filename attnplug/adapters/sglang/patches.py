@@ -138,8 +138,9 @@ PATCHES: list[Patch] = [
         ),
         remove_when="SGLang sizes its decode split with an equivalent plan.",
         opt_in=(
-            "measured slower than SGLang 0.5.23's own heuristic on the H100 (benchmarks/RESULTS.md: geomean 0.93x "
-            "per decode call; 0.52-0.70x on batches of mixed lengths, up to 1.10x on uniform ones), so it stays "
+            "measured slower than SGLang 0.5.23's own heuristic on the H200 (benchmarks/RESULTS.md, 2026-12-01: "
+            "geomean 0.88x per decode call; 0.42-0.56x on batches of mixed lengths at 32k, up to 1.10x on uniform "
+            "ones; the H100 showed the same, 0.93x), so it stays "
             "off unless named: the policy plans one split count for the batch and for attnplug's grid, not "
             "SGLang's per-request counts over its own grid."
         ),
