@@ -72,10 +72,6 @@ def run(out: Path, names: list[str], quick: bool = False) -> list[str]:
     return failed
 
 
-def _ours(provider: str) -> bool:
-    return provider.startswith("attnplug") or provider == "stream_read"
-
-
 def speedups(rows: list[dict]) -> dict[tuple[str, str], list[float]]:
     """(peer, time column) -> peer time / attnplug time, over the configurations both ran.
 
@@ -97,7 +93,7 @@ def speedups(rows: list[dict]) -> dict[tuple[str, str], list[float]]:
         if ours is None:
             continue
         for peer, row in providers.items():
-            if _ours(peer):
+            if peer.startswith("attnplug"):
                 continue
             for column in TIME_COLUMNS:
                 if ours.get(column) and row.get(column):

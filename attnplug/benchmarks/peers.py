@@ -98,7 +98,7 @@ class SglangTritonDecode:
         self.get_num_kv_splits_triton = kernel[stock.SGLANG_METADATA].get_num_kv_splits_triton
         self.heads, self.k, self.v, self.page_size = heads, k_tokens, v_tokens, page_size
         self.num_sms = torch.cuda.get_device_properties(heads.device).multi_processor_count \
-            if heads.device.type == "cuda" else 132
+            if heads.device.type == "cuda" else 132  # CPU smoke run: the H200's count
         self.use_pdl = heads.device.type == "cuda" and torch.cuda.get_device_capability(heads.device)[0] >= 9
 
     def call(self, b: dict):

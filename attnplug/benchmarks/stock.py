@@ -41,7 +41,7 @@ def release_dir(engine: str, version: str) -> Path:
 
 
 def provider_name(engine: str, version: str) -> str:
-    """``vllm_0_33``: the provider column of the CSVs (major.minor; patch releases share a rule)."""
+    """``vllm_0_33``: the provider column of the CSVs (major.minor of the release)."""
     return f"{engine}_" + "_".join(version.split(".")[:2])
 
 
