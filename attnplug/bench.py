@@ -19,6 +19,7 @@ BENCHMARKS = {  # name -> (module in attnplug.benchmarks, CSV it writes, takes -
     "metadata": ("bench_decode_metadata", "decode_metadata.csv", False),
     "copy": ("bench_metadata_copy", "metadata_copy.csv", False),
     "attention": ("bench_paged_attention", "paged_attention.csv", True),
+    "fp8": ("bench_fp8_attention", "fp8_attention.csv", True),
     "verify": ("bench_verify_attention", "verify_attention.csv", True),
     "step": ("bench_decode_step", "decode_step.csv", True),
     "draft": ("bench_draft_metadata", "draft_metadata.csv", True),
@@ -30,7 +31,7 @@ TIME_COLUMNS = ("graph_us", "eager_us", "graph_step_us", "eager_step_us")
 PROVIDER_COLUMNS = ("provider", "impl")
 # columns that are measurements, not part of a point's configuration
 RESULT_COLUMNS = {"host_us_per_call", "host_us", "tbps", "read_share", "attnplug_x", "max_abs_diff", "segments",
-                  "launches", "x_vs_vllm_0_33", "x_vs_own_decode", "device", "torch", "triton", "python", "date",
+                  "launches", "x_vs_vllm_0_33", "x_vs_own_decode", "fp8_vs_bf16", "device", "torch", "triton", "python", "date",
                   *TIME_COLUMNS}
 
 

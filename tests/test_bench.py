@@ -186,3 +186,18 @@ def test_sglang_kv_splits_benchmark_smoke_run(tmp_path, benchmark):
     for row in rows:
         assert float(row["stock_eager_us"]) > 0 and float(row["attnplug_eager_us"]) > 0
         assert float(row["max_abs_diff"]) < 2e-3 and int(row["planned_splits"]) >= 1
+
+
+def test_fp8_attention_benchmark_smoke_run(tmp_path, benchmark):
+    """bench_fp8_attention.py --smoke: attnplug over FP8 and bf16 and vLLM 0.33's FP8 path agree, CSV reads back."""
+    benchmark("bench_fp8_attention").main(["--smoke", "--out", str(tmp_path)])
+    rows = _rows(tmp_path / "fp8_attention.csv")
+    impls = {"attnplug", "attnplug_bf16", *(["vllm_0_33"] if "vllm_0_33" in VLLM_FETCHED else [])}
+    points = [("decode", "1"), ("decode", "3"), ("verify", "2"), ("mixed", "2")]
+    assert sorted((r["section"], r["bs"]) for r in rows) == sorted(points * len(impls))
+    for r in rows:
+        assert float(r["eager_us"]) > 0
+        if r["impl"] == "attnplug_bf16":  # the FP8 cache's quantization error, no more
+            assert 0 < float(r["max_abs_diff"]) < 0.25, r
+        elif r["impl"] != "attnplug":  # vLLM over the same FP8 values
+            assert float(r["max_abs_diff"]) < 1e-4, r

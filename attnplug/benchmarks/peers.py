@@ -49,7 +49,9 @@ class VllmUnifiedAttention:
     sequences; 0.33 also for queries of up to 8 tokens (scratch rows per query token)."""
 
     def __init__(self, kernel: stock.StockKernel, heads: Heads, max_query_len: int):
-        self.name, self.fn = kernel.name, kernel[stock.VLLM_ATTENTION].unified_attention
+        module = kernel[stock.VLLM_ATTENTION]
+        self.name, self.fn = kernel.name, module.unified_attention
+        self.fp8_per_tensor = module.KVQuantMode.FP8_PER_TENSOR  # what its backend passes for an fp8 cache
         self.heads = heads
         self.threshold = 128 // heads.num_kv_heads
         per_query = min(max_query_len, MAX_3D_QUERY_LEN_0_33) if Version(kernel.version) >= Version("0.33") else 1
@@ -60,18 +62,25 @@ class VllmUnifiedAttention:
         self.segm_expsum = torch.empty_like(self.segm_max)
         self.one = torch.ones(1, **f32)
 
-    def launch(self, k, v, q, out, query_start_loc, max_seqlen_q, seq_lens, max_seqlen_k, block_table):
+    def launch(self, k, v, q, out, query_start_loc, max_seqlen_q, seq_lens, max_seqlen_k, block_table,
+               descales=(None, None, None)):
+        """``descales``: (q, k, v) float32 one-element scales for an FP8 cache (q's only for FP8 queries), passed
+        with ``kv_quant_mode=FP8_PER_TENSOR`` as vLLM's TRITON_ATTN does."""
+        q_descale, k_descale, v_descale = descales
+        quantized = k_descale is not None
+        extra = dict(kv_quant_mode=self.fp8_per_tensor) if quantized else {}
         self.fn(q=q, k=k, v=v, out=out, cu_seqlens_q=query_start_loc, max_seqlen_q=max_seqlen_q, seqused_k=seq_lens,
                 max_seqlen_k=max_seqlen_k, softmax_scale=self.heads.scale, causal=True, window_size=(-1, -1),
-                block_table=block_table, softcap=0, q_descale=None, k_descale=self.one, v_descale=self.one,
+                block_table=block_table, softcap=0, q_descale=q_descale,
+                k_descale=k_descale if quantized else self.one, v_descale=v_descale if quantized else self.one,
                 seq_threshold_3D=self.threshold, num_par_softmax_segments=STOCK_SEGMENTS,
                 softmax_segm_output=self.segm_out, softmax_segm_max=self.segm_max,
-                softmax_segm_expsum=self.segm_expsum)
+                softmax_segm_expsum=self.segm_expsum, **extra)
 
-    def call(self, k, v, b: dict):
+    def call(self, k, v, b: dict, descales=(None, None, None)):
         """A callable running batch ``b`` (keys as ``bench_paged_attention.KVPool.batch``) over cache k / v."""
         return lambda: self.launch(k, v, b["q"], b["out"], b["query_start_loc"], b["max_seqlen_q"], b["seq_lens"],
-                                   b["max_seqlen_k"], b["block_table"])
+                                   b["max_seqlen_k"], b["block_table"], descales)
 
 
 def vllm_peers(heads: Heads, max_query_len: int = 1) -> dict[str, VllmUnifiedAttention]:

@@ -9,6 +9,7 @@
 from attnplug.core.attention import (
     AttentionPlan,
     AttentionWorkspace,
+    FP8_KV_DTYPES,
     SplitKVProblem,
     default_split_kv_policy,
     paged_attention,
@@ -22,6 +23,7 @@ __all__ = [
     "AttentionPlan",
     "AttentionWorkspace",
     "FA3Params",
+    "FP8_KV_DTYPES",
     "SplitKVProblem",
     "allocate_fa3_scheduler_metadata",
     "check_fa3_call",

@@ -78,11 +78,18 @@ def make_caches(layout, num_pages, page_size, num_kv_heads, head_size, dtype, ge
     raise ValueError(layout)
 
 
+def dequantized(cache, scale):
+    """An FP8 cache as the values it stands for (float64), for the reference."""
+    return cache.double() * scale.double().cpu().item() if scale is not None else cache
+
+
 class Batch:
-    """A random batch: ``lengths`` is a list of (query_len, seq_len); decodes first."""
+    """A random batch: ``lengths`` is a list of (query_len, seq_len); decodes first. With an FP8
+    ``kv_dtype`` the caches hold FP8 values and random per-tensor scales (``k_scale`` / ``v_scale``)
+    that ``run`` passes and ``reference`` applies."""
 
     def __init__(self, lengths, *, num_decodes, num_q_heads, num_kv_heads, head_size, page_size, dtype,
-                 layout="contiguous", seed=0, extra_pages=3):
+                 layout="contiguous", seed=0, extra_pages=3, kv_dtype=None):
         g = torch.Generator().manual_seed(seed)
         self.num_decodes = num_decodes
         self.num_q_heads, self.num_kv_heads, self.head_size, self.page_size = num_q_heads, num_kv_heads, head_size, page_size
@@ -104,7 +111,11 @@ class Batch:
         self.query_start_loc = torch.tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
         self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
         self.num_tokens = sum(query_lens)
-        self.k_cache, self.v_cache = make_caches(layout, num_pages, page_size, num_kv_heads, head_size, dtype, g)
+        self.k_cache, self.v_cache = make_caches(layout, num_pages, page_size, num_kv_heads, head_size,
+                                                 kv_dtype or dtype, g)
+        self.k_scale = self.v_scale = None
+        if kv_dtype not in (None, dtype):
+            self.k_scale, self.v_scale = (torch.rand(2, generator=g) * 1.5 + 0.25).to(DEVICE).unbind()
         self.q = torch.randn(self.num_tokens, num_q_heads, head_size, generator=g).to(dtype).to(DEVICE)
         self.generator = g
 
@@ -118,13 +129,16 @@ class Batch:
     def run(self, plan, q=None, k_cache=None, v_cache=None, **kwargs):
         q = self.q if q is None else q
         out = torch.full_like(q, float("nan"))
+        if self.k_scale is not None:
+            kwargs = dict(k_scale=self.k_scale, v_scale=self.v_scale, **kwargs)
         return paged_attention(q, self.k_cache if k_cache is None else k_cache,
                                self.v_cache if v_cache is None else v_cache, self.block_table, plan, out,
                                softmax_scale=self.head_size ** -0.5, **kwargs)
 
     def reference(self, q=None, k_cache=None, v_cache=None, **kwargs):
-        return reference_attention(self.q if q is None else q, self.k_cache if k_cache is None else k_cache,
-                                   self.v_cache if v_cache is None else v_cache, self.block_table,
+        k_cache = dequantized(self.k_cache if k_cache is None else k_cache, self.k_scale)
+        v_cache = dequantized(self.v_cache if v_cache is None else v_cache, self.v_scale)
+        return reference_attention(self.q if q is None else q, k_cache, v_cache, self.block_table,
                                    self.query_start_loc, self.seq_lens, softmax_scale=self.head_size ** -0.5, **kwargs)
 
 
@@ -191,10 +205,10 @@ def test_plan_constexprs_lead_each_kernels_constexprs_in_order():
                   page_size=16, dtype=torch.float32)
     plan = batch.plan(split_kv_policy=split(4))
     per_call = {"_decode_split_kv_kernel": ["USE_SOFTCAP", "USE_SINKS", "USE_WINDOW", "K_DIM_CONTIGUOUS",
-                                            "V_DIM_CONTIGUOUS", "DOT_PRECISION"],
+                                            "V_DIM_CONTIGUOUS", "KV_FP8", "DOT_PRECISION"],
                 "_reduce_segments_kernel": ["USE_SINKS", "USE_WINDOW"],
                 "_prefill_kernel": ["CAUSAL", "USE_SOFTCAP", "USE_SINKS", "USE_WINDOW_LEFT", "USE_WINDOW_RIGHT",
-                                    "K_DIM_CONTIGUOUS", "V_DIM_CONTIGUOUS", "DOT_PRECISION"]}
+                                    "K_DIM_CONTIGUOUS", "V_DIM_CONTIGUOUS", "KV_FP8", "DOT_PRECISION"]}
     for name, from_plan in (("_decode_split_kv_kernel", plan.decode_constexprs),
                             ("_reduce_segments_kernel", plan.reduce_constexprs),
                             ("_prefill_kernel", plan.prefill_constexprs)):

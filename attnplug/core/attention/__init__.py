@@ -1,6 +1,6 @@
 """Paged attention with a per-batch plan: ``plan_attention`` once per batch, ``paged_attention`` per layer."""
 
-from .paged import paged_attention
+from .paged import FP8_KV_DTYPES, paged_attention
 from .plan import (
     AttentionPlan,
     AttentionWorkspace,
@@ -13,6 +13,7 @@ from .plan import (
 __all__ = [
     "AttentionPlan",
     "AttentionWorkspace",
+    "FP8_KV_DTYPES",
     "SplitKVProblem",
     "default_split_kv_policy",
     "num_sms",

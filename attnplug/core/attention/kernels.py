@@ -20,6 +20,10 @@ Each sequence's segment layout is derived on the device from its own lengths
 (``_decode_segment_layout``) so that the host never reads ``seq_lens``: the host only fixes the
 maximum number of segments per sequence. CUDA-graph padding lanes (``seq_len == 0`` or no query
 tokens) exit before any load. Logits are kept in log2 units (``exp2``).
+
+FP8 KV caches (``KV_FP8``): tiles are loaded in FP8 (half the bytes) and converted to float16 for
+the dots (``_dot_operand``; the queries too, so 16-bit queries must stay below 65504 in magnitude); the per-tensor K scale joins the logit scale and the V scale the final
+normalisation, each read once per program (``_logit_scale``, ``_normalised``). Accumulation is fp32.
 """
 
 import triton
@@ -42,6 +46,35 @@ def _scaled_logits(dot, softmax_scale, softcap, USE_SOFTCAP: tl.constexpr):
         s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
         return s * 1.4426950408889634
     return dot * (softmax_scale * 1.4426950408889634)
+
+
+@triton.jit
+def _dot_operand(q, KV_FP8: tl.constexpr):
+    """The query tile in the dtype of the dots. Over an FP8 cache that is float16 for 16-bit queries: FP8
+    values are exact in it and one instruction converts two of them (bf16 takes several per value,
+    which made FP8 decode slower than bf16); float32 queries stay float32."""
+    if KV_FP8:
+        if q.dtype != tl.float32:
+            q = q.to(tl.float16)
+    return q
+
+
+@triton.jit
+def _logit_scale(softmax_scale, k_scale_ptr, KV_FP8: tl.constexpr):
+    """The factor of ``q . k`` for raw cache values: an FP8 K cache's per-tensor scale joins the softmax
+    scale once per program (``q . (k * s) = (q . k) * s``), so the KV loop only converts."""
+    if KV_FP8:
+        return softmax_scale * tl.load(k_scale_ptr)
+    return softmax_scale
+
+
+@triton.jit
+def _normalised(acc, l, v_scale_ptr, KV_FP8: tl.constexpr):
+    """``acc / l`` per row; an FP8 V cache's per-tensor scale applies here, once per output element."""
+    acc = acc / l[:, None]
+    if KV_FP8:
+        acc = acc * tl.load(v_scale_ptr)
+    return acc
 
 
 @triton.jit
@@ -112,6 +145,8 @@ def _decode_split_kv_kernel(
     seq_lens_ptr,  # [num_seqs] int32
     query_start_loc_ptr,  # [num_seqs + 1] int32
     sinks_ptr,  # [NUM_Q_HEADS] float32 (read when USE_SINKS and SINGLE_SEGMENT)
+    k_scale_ptr,  # [1] float32 dequantization scale of the K cache (read when KV_FP8)
+    v_scale_ptr,  # [1] float32 dequantization scale of the V cache (read when KV_FP8)
     softmax_scale,
     softcap,
     window_left,
@@ -146,6 +181,7 @@ def _decode_split_kv_kernel(
     USE_WINDOW: tl.constexpr,
     K_DIM_CONTIGUOUS: tl.constexpr,
     V_DIM_CONTIGUOUS: tl.constexpr,
+    KV_FP8: tl.constexpr,  # the caches hold FP8 values x per-tensor scales
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32), else "tf32" (unused for 16-bit)
 ):
     segment = tl.program_id(0)
@@ -189,6 +225,8 @@ def _decode_split_kv_kernel(
         mask=row_valid[:, None] & dim_valid[None, :],
         other=0.0,
     )  # [BLOCK_M, HEAD_PAD]
+    q = _dot_operand(q, KV_FP8)
+    softmax_scale = _logit_scale(softmax_scale, k_scale_ptr, KV_FP8)
 
     if USE_SINKS and SINGLE_SEGMENT:
         # the sink joins the softmax as one extra logit with no value
@@ -211,7 +249,7 @@ def _decode_split_kv_kernel(
                           stride_k_head, stride_k_dim, HEAD_SIZE, HEAD_PAD, K_DIM_CONTIGUOUS)
         v = _load_kv_tile(v_cache_ptr, page, slot, kv_head, token_valid, stride_v_page, stride_v_slot,
                           stride_v_head, stride_v_dim, HEAD_SIZE, HEAD_PAD, V_DIM_CONTIGUOUS)
-        s = _scaled_logits(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), softmax_scale, softcap,
+        s = _scaled_logits(tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION), softmax_scale, softcap,
                            USE_SOFTCAP)  # [BLOCK_M, TILE_N]
         if BLOCK_Q == 1:  # one query, the sequence's last position: it sees every valid token
             s = tl.where(token_valid[None, :], s, float("-inf"))
@@ -227,12 +265,12 @@ def _decode_split_kv_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m - m_safe)
         l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m = m_new
 
     if BLOCK_Q > 1:
         l = tl.where(l == 0.0, 1.0, l)  # a row that saw nothing in this segment: zero weight (lse -inf)
-    acc = acc / l[:, None]
+    acc = _normalised(acc, l, v_scale_ptr, KV_FP8)
     store_mask = row_valid[:, None] & dim_valid[None, :]
     if SINGLE_SEGMENT:
         tl.store(out_ptr + (tokens * stride_out_token + heads * stride_out_head)[:, None] + dims[None, :],
@@ -346,6 +384,8 @@ def _prefill_kernel(
     seq_lens_ptr,  # [num_seqs] int32
     query_start_loc_ptr,  # [num_seqs + 1] int32
     sinks_ptr,  # [NUM_Q_HEADS] float32 (read when USE_SINKS)
+    k_scale_ptr,  # [1] float32 dequantization scale of the K cache (read when KV_FP8)
+    v_scale_ptr,  # [1] float32 dequantization scale of the V cache (read when KV_FP8)
     softmax_scale,
     softcap,
     window_left,
@@ -379,6 +419,7 @@ def _prefill_kernel(
     USE_WINDOW_RIGHT: tl.constexpr,
     K_DIM_CONTIGUOUS: tl.constexpr,
     V_DIM_CONTIGUOUS: tl.constexpr,
+    KV_FP8: tl.constexpr,  # the caches hold FP8 values x per-tensor scales
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32), else "tf32" (unused for 16-bit)
 ):
     kv_head = tl.program_id(1)
@@ -400,6 +441,8 @@ def _prefill_kernel(
     tokens = (q_start + query_in_seq).to(tl.int64)
     q = tl.load(q_ptr + tokens[:, None] * stride_q_token + heads[:, None] * stride_q_head + dims[None, :],
                 mask=row_valid[:, None] & dim_valid[None, :], other=0.0)  # [BLOCK_M, HEAD_PAD]
+    q = _dot_operand(q, KV_FP8)
+    softmax_scale = _logit_scale(softmax_scale, k_scale_ptr, KV_FP8)
 
     # KV positions any row of this block may see: [kv_begin, kv_end)
     first_pos = context_len + q_block * BLOCK_Q
@@ -432,7 +475,7 @@ def _prefill_kernel(
                           stride_k_head, stride_k_dim, HEAD_SIZE, HEAD_PAD, K_DIM_CONTIGUOUS)
         v = _load_kv_tile(v_cache_ptr, page, slot, kv_head, in_range, stride_v_page, stride_v_slot,
                           stride_v_head, stride_v_dim, HEAD_SIZE, HEAD_PAD, V_DIM_CONTIGUOUS)
-        s = _scaled_logits(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), softmax_scale, softcap,
+        s = _scaled_logits(tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION), softmax_scale, softcap,
                            USE_SOFTCAP)  # [BLOCK_M, TILE_N]
         visible = in_range[None, :] & row_valid[:, None]
         if CAUSAL:
@@ -447,9 +490,10 @@ def _prefill_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m - m_safe)
         l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m = m_new
 
     l = tl.where(l == 0.0, 1.0, l)
     tl.store(out_ptr + tokens[:, None] * stride_out_token + heads[:, None] * stride_out_head + dims[None, :],
-             (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
+             _normalised(acc, l, v_scale_ptr, KV_FP8).to(out_ptr.dtype.element_ty),
+             mask=row_valid[:, None] & dim_valid[None, :])

@@ -16,12 +16,34 @@ _launch_reduce = fast_launcher(_reduce_segments_kernel)
 _launch_prefill = fast_launcher(_prefill_kernel)
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # KV cache dtypes read with per-tensor scales
 
 
-def _check_inputs(q, k_cache, v_cache, block_table, plan, out, sinks, strides) -> None:
+def _check_kv_scales(dtype, kv_dtype, device, k_scale, v_scale) -> bool:
+    """Whether the caches are FP8 (then both scales must be float32 one-element tensors on q's device);
+    raises for a cache dtype the kernels do not read and for scales without an FP8 cache."""
+    if kv_dtype not in FP8_KV_DTYPES:
+        if kv_dtype != dtype:
+            raise TypeError(f"k_cache dtype {kv_dtype} differs from q dtype {dtype} and is not an FP8 KV dtype "
+                            f"({', '.join(map(str, FP8_KV_DTYPES))})")
+        if k_scale is not None or v_scale is not None:
+            raise ValueError(f"k_scale / v_scale are for FP8 caches only; the caches are {kv_dtype}")
+        return False
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is None:
+            raise ValueError(f"{name} is required for a {kv_dtype} KV cache (a float32 tensor with one element)")
+        if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.numel() != 1:
+            raise ValueError(f"{name} must be a float32 tensor with one element, got "
+                             f"{getattr(scale, 'dtype', type(scale).__name__)} {tuple(getattr(scale, 'shape', ()))}")
+        if scale.device != device:
+            raise ValueError(f"{name} is on {scale.device} but q on {device}")
+    return True
+
+
+def _check_inputs(q, k_cache, v_cache, block_table, plan, out, sinks, strides) -> torch.dtype:
     """Cheap host checks (shapes, dtypes, devices); nothing here reads device memory. ``strides``: the
     ``stride()`` tuples of q, out, k_cache, v_cache and block_table (computed once by the caller: on the
-    host path of every layer, each tensor attribute read costs)."""
+    host path of every layer, each tensor attribute read costs). Returns the caches' dtype."""
     if not isinstance(plan, AttentionPlan):
         raise TypeError(f"plan must be an AttentionPlan from plan_attention, got {type(plan).__name__}")
     q_shape, dtype, device = q.shape, q.dtype, q.device
@@ -35,12 +57,13 @@ def _check_inputs(q, k_cache, v_cache, block_table, plan, out, sinks, strides) -
     if q_strides[2] != 1 or out_strides[2] != 1:
         raise ValueError("q and out must be contiguous in their last (head_size) dimension")
     expected_cache = (plan.page_size, plan.num_kv_heads, plan.head_size)
+    kv_dtype = k_cache.dtype
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         shape = cache.shape
         if len(shape) != 4 or shape[1:] != expected_cache:
             raise ValueError(f"{name} must be [num_pages, {', '.join(map(str, expected_cache))}], got {tuple(shape)}")
-        if cache.dtype != dtype:
-            raise TypeError(f"{name} dtype {cache.dtype} differs from q dtype {dtype}")
+        if cache.dtype != kv_dtype:
+            raise TypeError(f"{name} dtype {cache.dtype} differs from k_cache dtype {kv_dtype}")
         if cache.device != device:
             raise ValueError(f"{name} is on {cache.device} but q on {device}")
     table_shape = block_table.shape
@@ -58,6 +81,7 @@ def _check_inputs(q, k_cache, v_cache, block_table, plan, out, sinks, strides) -
         raise ValueError(f"q has {q_shape[0]} tokens, fewer than the plan's {plan.num_seqs} sequences")
     if sinks is not None and (sinks.shape != (plan.num_q_heads,) or sinks.dtype != torch.float32):
         raise ValueError(f"sinks must be float32 [{plan.num_q_heads}], got {sinks.dtype} {tuple(sinks.shape)}")
+    return kv_dtype
 
 
 def paged_attention(
@@ -73,6 +97,8 @@ def paged_attention(
     window_size: tuple = (-1, -1),
     softcap: float = 0.0,
     sinks: Optional[torch.Tensor] = None,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention of a planned batch over a paged KV cache, written into ``out``.
 
@@ -90,8 +116,10 @@ def paged_attention(
     q : torch.Tensor
         ``[num_tokens, num_q_heads, head_size]`` float16 / bfloat16 / float32 (last dim contiguous).
     k_cache, v_cache : torch.Tensor
-        ``[num_pages, page_size, num_kv_heads, head_size]``, q's dtype, any strides (e.g. a view of
-        vLLM's ``[num_blocks, 2, page_size, num_kv_heads, head_size]`` or SGLang's token pool).
+        ``[num_pages, page_size, num_kv_heads, head_size]``, any strides (e.g. a view of vLLM's
+        ``[num_blocks, 2, page_size, num_kv_heads, head_size]`` or SGLang's token pool); q's dtype, or
+        an FP8 dtype (``FP8_KV_DTYPES``: float8_e4m3fn, float8_e5m2; a uint8 engine buffer viewed as
+        one) with ``k_scale`` / ``v_scale``; the dots then run in float16 (float32 for float32 queries).
     block_table : torch.Tensor
         int32 ``[>= num_seqs, max_pages_per_seq]``: page ``j`` of sequence ``i``.
     plan : AttentionPlan
@@ -109,6 +137,10 @@ def paged_attention(
         If > 0, logits become ``softcap * tanh(logits / softcap)``.
     sinks : torch.Tensor, optional
         float32 ``[num_q_heads]``: ``exp(sinks[h])`` joins each row's softmax denominator.
+    k_scale, v_scale : torch.Tensor, optional
+        FP8 caches only (then required): float32 one-element tensors on q's device, the per-tensor
+        dequantization scales (a cache value ``x`` stands for ``float(x) * scale``). Read on the
+        device by every call, so a CUDA graph replays with the engine's current scales.
 
     Returns
     -------
@@ -116,7 +148,9 @@ def paged_attention(
         ``out``.
     """
     all_strides = (q.stride(), out.stride(), k_cache.stride(), v_cache.stride(), block_table.stride())
-    _check_inputs(q, k_cache, v_cache, block_table, plan, out, sinks, all_strides)
+    kv_dtype = _check_inputs(q, k_cache, v_cache, block_table, plan, out, sinks, all_strides)
+    plain_kv = kv_dtype is q.dtype and k_scale is None and v_scale is None
+    kv_fp8 = not plain_kv and _check_kv_scales(q.dtype, kv_dtype, q.device, k_scale, v_scale)
     if not causal and plan.num_decodes and plan.max_decode_query_len > 1:
         raise ValueError("causal=False is not supported for decode-like sequences of several query tokens "
                          "(plan them as prefills: num_decodes=0)")
@@ -127,7 +161,7 @@ def paged_attention(
     use_sinks = sinks is not None
     use_window = window_left >= 0
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    common = (q, k_cache, v_cache, block_table, plan.seq_lens, plan.query_start_loc, sinks,
+    common = (q, k_cache, v_cache, block_table, plan.seq_lens, plan.query_start_loc, sinks, k_scale, v_scale,
               float(softmax_scale), float(softcap) if use_softcap else 0.0, max(window_left, 0))
     q_strides, out_strides, k_strides, v_strides, block_table_strides = all_strides
     k_dim_contiguous, v_dim_contiguous = k_strides[3] == 1, v_strides[3] == 1
@@ -141,7 +175,7 @@ def paged_attention(
         _launch_decode(
             plan.decode_grid, out, plan.segment_out, plan.segment_lse, *common, plan.num_segments, query_slots,
             *strides, *plan.decode_constexprs.values(), use_softcap, use_sinks, use_window, k_dim_contiguous,
-            v_dim_contiguous, dot_precision, **plan.decode_options,
+            v_dim_contiguous, kv_fp8, dot_precision, **plan.decode_options,
         )
         if split:
             _launch_reduce(
@@ -158,6 +192,6 @@ def paged_attention(
         _launch_prefill(
             grid, out, *common, max(window_right, 0), plan.num_decodes, plan.num_seqs, *strides,
             *plan.prefill_constexprs.values(), bool(causal), use_softcap, use_sinks, use_window,
-            window_right >= 0, k_dim_contiguous, v_dim_contiguous, dot_precision, **plan.prefill_options,
+            window_right >= 0, k_dim_contiguous, v_dim_contiguous, kv_fp8, dot_precision, **plan.prefill_options,
         )
     return out
