@@ -6,6 +6,8 @@ checkpoint would give), so every provider reads the same values. Providers, side
 
   attnplug        attnplug's kernels over the FP8 cache: bf16 queries, per-tensor k / v scales
   attnplug_bf16   attnplug over the bf16 pool (twice the bytes): what FP8 buys
+  attnplug_fp8q   attnplug over the FP8 cache with FP8 queries (``q_scale``), as the vLLM adapters
+                  get them when vLLM's query quantization stays on
   vllm_0_33       vLLM 0.33.0's ``unified_attention`` over the FP8 cache with bf16 queries and
                   ``k_descale`` / ``v_descale`` (``kv_quant_mode=FP8_PER_TENSOR``)
   vllm_0_33_fp8q  the same with the queries quantized to FP8 and ``q_descale``: how vLLM 0.33's
@@ -16,7 +18,7 @@ reference), ``decode`` (bs x ctx), ``verify`` (q_len 4 x bs x ctx) and ``mixed``
 + decodes); ``sweep`` (decode tile rules over both caches, not by default). Graph and eager times as in ``bench_paged_attention``; each attnplug row carries
 ``fp8_vs_bf16`` (its time / attnplug_bf16's), peer rows ``attnplug_x`` (their time / attnplug's).
 ``--smoke``: tiny shapes on the CPU (Triton interpreter, fp32 queries; the FP8-query peer, which
-needs FP8 tensor cores, left out).
+needs FP8 tensor cores, and attnplug's FP8-query variant left out).
 """
 
 from __future__ import annotations
@@ -62,16 +64,17 @@ class Fp8Pool:
 WORKSPACE = None
 
 
-def attnplug(k, v, b, num_decodes, q_len, scales):
-    """attnplug's planned call on cache k / v (``scales``: (k_scale, v_scale) for FP8, else (None, None))."""
+def attnplug(k, v, b, num_decodes, q_len, scales, q_scale=None):
+    """attnplug's planned call on cache k / v (``scales``: (k_scale, v_scale) for FP8, else (None, None);
+    ``q_scale`` for FP8 queries)."""
     plan = plan_attention(b["query_start_loc"], b["seq_lens"], num_decodes=num_decodes, num_q_heads=pa.NUM_Q_HEADS,
                           num_kv_heads=pa.NUM_KV_HEADS, head_size=pa.HEAD_SIZE, page_size=pa.PAGE_SIZE,
                           max_seqlen_q=b["max_seqlen_q"], max_seqlen_k=b["max_seqlen_k"],
                           max_decode_query_len=q_len, workspace=WORKSPACE)
 
     def fn():
-        paged_attention(b["q"], k, v, b["block_table"], plan, b["out"], softmax_scale=pa.SCALE, k_scale=scales[0],
-                        v_scale=scales[1])
+        paged_attention(b["q"], k, v, b["block_table"], plan, b["out"], softmax_scale=pa.SCALE, q_scale=q_scale,
+                        k_scale=scales[0], v_scale=scales[1])
 
     return fn, plan
 
@@ -80,11 +83,14 @@ def providers(pools: Fp8Pool, vllm, b, num_decodes, q_len, fp8_queries: bool):
     ours, plan = attnplug(pools.k, pools.v, b, num_decodes, q_len, (pools.k_scale, pools.v_scale))
     found = [("attnplug", ours), ("attnplug_bf16", attnplug(pools.bf16.k, pools.bf16.v, b, num_decodes, q_len,
                                                               (None, None))[0])]
+    q_scale = b["q"].abs().amax().float().reshape(1) / FP8_MAX
+    b_fp8 = dict(b, q=(b["q"] / q_scale).to(FP8))
+    if fp8_queries:
+        found.append(("attnplug_fp8q", attnplug(pools.k, pools.v, b_fp8, num_decodes, q_len,
+                                                (pools.k_scale, pools.v_scale), q_scale)[0]))
     for name, peer in vllm.items():
         found.append((name, peer.call(pools.k, pools.v, b, (None, pools.k_scale, pools.v_scale))))
         if fp8_queries:
-            q_scale = b["q"].abs().amax().float().reshape(1) / FP8_MAX
-            b_fp8 = dict(b, q=(b["q"] / q_scale).to(FP8))
             found.append((f"{name}_fp8q", peer.call(pools.k, pools.v, b_fp8, (q_scale, pools.k_scale, pools.v_scale))))
     return found, plan
 

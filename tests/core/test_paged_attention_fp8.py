@@ -61,6 +61,22 @@ def test_non_contiguous_caches(layout):
     check(batch, torch.float16, plan_kwargs=dict(split_kv_policy=split(2)))
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16] if DEVICE.type == "cuda" else [torch.float16])
+def test_fp8_queries_with_their_scale(out_dtype):
+    """Queries quantized to FP8 (vLLM's query quantization on CUDA) with q_scale; out in 16 bits."""
+    batch = Batch(DECODE_LENS[:2] + VERIFY_LENS[:4] + PREFILL_LENS[:2], num_decodes=6, num_q_heads=6, num_kv_heads=2,
+                  head_size=48, page_size=16, dtype=out_dtype, kv_dtype=E4M3, seed=29)
+    q_scale = (batch.q.float().abs().amax() / 448).reshape(1)
+    q8 = (batch.q.float() / q_scale).to(E4M3)
+    expected = batch.reference(q=dequantized(q8, q_scale))
+    for segments in (1, 3):
+        out = torch.full(batch.q.shape, float("nan"), dtype=out_dtype, device=DEVICE)
+        paged_attention(q8, batch.k_cache, batch.v_cache, batch.block_table, batch.plan(split_kv_policy=split(segments)),
+                        out, softmax_scale=48 ** -0.5, q_scale=q_scale, k_scale=batch.k_scale, v_scale=batch.v_scale)
+        atol, rtol = TOLERANCE[out_dtype]
+        assert_close_verbose(out, expected, atol=atol, rtol=rtol, what=f"{segments} segments")
+
+
 def test_scales_are_read_on_the_device_at_every_call():
     """New scale values in the same tensors (what a CUDA-graph replay sees) change the result."""
     batch = Batch(VERIFY_LENS[:4] + PREFILL_LENS[:1], num_decodes=4, num_q_heads=4, num_kv_heads=2, head_size=32,
@@ -116,6 +132,13 @@ def test_errors_name_the_parameter():
         run(v_cache=batch.v_cache.view(torch.float8_e5m2))
     with pytest.raises(TypeError, match="k_cache dtype torch.uint8"):
         run(k_cache=batch.k_cache.view(torch.uint8), v_cache=batch.v_cache.view(torch.uint8))
+    q8 = batch.q.to(E4M3)
+    with pytest.raises(ValueError, match="q_scale is required"):
+        run(q=q8, out=out.half())
+    with pytest.raises(ValueError, match="out must match q"):
+        run(q=q8, q_scale=batch.k_scale)  # float32 out
+    with pytest.raises(ValueError, match="q_scale is for FP8 queries only"):
+        run(q_scale=batch.k_scale)
     plain = Batch(DECODE_LENS[:2], num_decodes=2, num_q_heads=4, num_kv_heads=2, head_size=32, page_size=16,
                   dtype=torch.float32)
     with pytest.raises(ValueError, match="for FP8 caches only"):

@@ -22,7 +22,8 @@ maximum number of segments per sequence. CUDA-graph padding lanes (``seq_len == 
 tokens) exit before any load. Logits are kept in log2 units (``exp2``).
 
 FP8 KV caches (``KV_FP8``): tiles are loaded in FP8 (half the bytes) and converted to float16 for
-the dots (``_dot_operand``; the queries too, so 16-bit queries must stay below 65504 in magnitude); the per-tensor K scale joins the logit scale and the V scale the final
+the dots (``_dot_operand``; the queries too, so 16-bit queries must stay below 65504 in magnitude;
+queries may be FP8 themselves, as vLLM quantizes them on CUDA, with their own per-tensor scale); the per-tensor K scale joins the logit scale and the V scale the final
 normalisation, each read once per program (``_logit_scale``, ``_normalised``). Accumulation is fp32.
 """
 
@@ -50,9 +51,9 @@ def _scaled_logits(dot, softmax_scale, softcap, USE_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _dot_operand(q, KV_FP8: tl.constexpr):
-    """The query tile in the dtype of the dots. Over an FP8 cache that is float16 for 16-bit queries: FP8
-    values are exact in it and one instruction converts two of them (bf16 takes several per value,
-    which made FP8 decode slower than bf16); float32 queries stay float32."""
+    """The query tile in the dtype of the dots. Over an FP8 cache that is float16 for 16-bit and FP8
+    queries: FP8 values are exact in it and one instruction converts two of them (bf16 takes several
+    per value); float32 queries stay float32."""
     if KV_FP8:
         if q.dtype != tl.float32:
             q = q.to(tl.float16)
@@ -60,11 +61,13 @@ def _dot_operand(q, KV_FP8: tl.constexpr):
 
 
 @triton.jit
-def _logit_scale(softmax_scale, k_scale_ptr, KV_FP8: tl.constexpr):
-    """The factor of ``q . k`` for raw cache values: an FP8 K cache's per-tensor scale joins the softmax
-    scale once per program (``q . (k * s) = (q . k) * s``), so the KV loop only converts."""
+def _logit_scale(softmax_scale, q, q_scale_ptr, k_scale_ptr, KV_FP8: tl.constexpr):
+    """The factor of ``q . k`` for raw values: an FP8 K cache's per-tensor scale (and FP8 queries' scale)
+    joins the softmax scale once per program (``q . (k * s) = (q . k) * s``), so the KV loop only converts."""
     if KV_FP8:
-        return softmax_scale * tl.load(k_scale_ptr)
+        softmax_scale = softmax_scale * tl.load(k_scale_ptr)
+        if q.dtype.is_fp8():
+            softmax_scale = softmax_scale * tl.load(q_scale_ptr)
     return softmax_scale
 
 
@@ -145,6 +148,7 @@ def _decode_split_kv_kernel(
     seq_lens_ptr,  # [num_seqs] int32
     query_start_loc_ptr,  # [num_seqs + 1] int32
     sinks_ptr,  # [NUM_Q_HEADS] float32 (read when USE_SINKS and SINGLE_SEGMENT)
+    q_scale_ptr,  # [1] float32 dequantization scale of FP8 queries (read when q is FP8)
     k_scale_ptr,  # [1] float32 dequantization scale of the K cache (read when KV_FP8)
     v_scale_ptr,  # [1] float32 dequantization scale of the V cache (read when KV_FP8)
     softmax_scale,
@@ -225,8 +229,8 @@ def _decode_split_kv_kernel(
         mask=row_valid[:, None] & dim_valid[None, :],
         other=0.0,
     )  # [BLOCK_M, HEAD_PAD]
+    softmax_scale = _logit_scale(softmax_scale, q, q_scale_ptr, k_scale_ptr, KV_FP8)
     q = _dot_operand(q, KV_FP8)
-    softmax_scale = _logit_scale(softmax_scale, k_scale_ptr, KV_FP8)
 
     if USE_SINKS and SINGLE_SEGMENT:
         # the sink joins the softmax as one extra logit with no value
@@ -384,6 +388,7 @@ def _prefill_kernel(
     seq_lens_ptr,  # [num_seqs] int32
     query_start_loc_ptr,  # [num_seqs + 1] int32
     sinks_ptr,  # [NUM_Q_HEADS] float32 (read when USE_SINKS)
+    q_scale_ptr,  # [1] float32 dequantization scale of FP8 queries (read when q is FP8)
     k_scale_ptr,  # [1] float32 dequantization scale of the K cache (read when KV_FP8)
     v_scale_ptr,  # [1] float32 dequantization scale of the V cache (read when KV_FP8)
     softmax_scale,
@@ -441,8 +446,8 @@ def _prefill_kernel(
     tokens = (q_start + query_in_seq).to(tl.int64)
     q = tl.load(q_ptr + tokens[:, None] * stride_q_token + heads[:, None] * stride_q_head + dims[None, :],
                 mask=row_valid[:, None] & dim_valid[None, :], other=0.0)  # [BLOCK_M, HEAD_PAD]
+    softmax_scale = _logit_scale(softmax_scale, q, q_scale_ptr, k_scale_ptr, KV_FP8)
     q = _dot_operand(q, KV_FP8)
-    softmax_scale = _logit_scale(softmax_scale, k_scale_ptr, KV_FP8)
 
     # KV positions any row of this block may see: [kv_begin, kv_end)
     first_pos = context_len + q_block * BLOCK_Q

@@ -19,19 +19,25 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # KV cache dtypes read with per-tensor scales
 
 
-def _check_kv_scales(dtype, kv_dtype, device, k_scale, v_scale) -> bool:
-    """Whether the caches are FP8 (then both scales must be float32 one-element tensors on q's device);
-    raises for a cache dtype the kernels do not read and for scales without an FP8 cache."""
+def _check_kv_scales(dtype, kv_dtype, device, q_scale, k_scale, v_scale) -> bool:
+    """Whether the caches are FP8 (then the scales, q's for FP8 queries, must be float32 one-element tensors
+    on q's device); raises for dtypes the kernels do not read and for scales without an FP8 tensor."""
     if kv_dtype not in FP8_KV_DTYPES:
         if kv_dtype != dtype:
             raise TypeError(f"k_cache dtype {kv_dtype} differs from q dtype {dtype} and is not an FP8 KV dtype "
                             f"({', '.join(map(str, FP8_KV_DTYPES))})")
-        if k_scale is not None or v_scale is not None:
-            raise ValueError(f"k_scale / v_scale are for FP8 caches only; the caches are {kv_dtype}")
+        if k_scale is not None or v_scale is not None or q_scale is not None:
+            raise ValueError(f"q_scale / k_scale / v_scale are for FP8 caches only; the caches are {kv_dtype}")
         return False
-    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+    fp8_query = dtype in FP8_KV_DTYPES
+    if q_scale is not None and not fp8_query:
+        raise ValueError(f"q_scale is for FP8 queries only; q is {dtype}")
+    for name, scale in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale)):
+        if name == "q_scale" and not fp8_query:
+            continue
         if scale is None:
-            raise ValueError(f"{name} is required for a {kv_dtype} KV cache (a float32 tensor with one element)")
+            what = f"{dtype} queries" if name == "q_scale" else f"a {kv_dtype} KV cache"
+            raise ValueError(f"{name} is required for {what} (a float32 tensor with one element)")
         if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.numel() != 1:
             raise ValueError(f"{name} must be a float32 tensor with one element, got "
                              f"{getattr(scale, 'dtype', type(scale).__name__)} {tuple(getattr(scale, 'shape', ()))}")
@@ -49,10 +55,15 @@ def _check_inputs(q, k_cache, v_cache, block_table, plan, out, sinks, strides) -
     q_shape, dtype, device = q.shape, q.dtype, q.device
     if len(q_shape) != 3 or q_shape[1] != plan.num_q_heads or q_shape[2] != plan.head_size:
         raise ValueError(f"q must be [num_tokens, {plan.num_q_heads}, {plan.head_size}], got {tuple(q_shape)}")
-    if dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"q must be float16, bfloat16 or float32, got {dtype}")
-    if out.shape != q_shape or out.dtype != dtype:
-        raise ValueError(f"out must match q ({tuple(q_shape)}, {dtype}), got {tuple(out.shape)}, {out.dtype}")
+    if dtype in _SUPPORTED_DTYPES:
+        out_dtypes = (dtype,)
+    elif dtype in FP8_KV_DTYPES:  # FP8 queries (over an FP8 cache, with q_scale: checked by the caller)
+        out_dtypes = (torch.float16, torch.bfloat16)
+    else:
+        raise TypeError(f"q must be float16, bfloat16, float32 or FP8 (with q_scale), got {dtype}")
+    if out.shape != q_shape or out.dtype not in out_dtypes:
+        raise ValueError(f"out must match q ({tuple(q_shape)}, {' or '.join(map(str, out_dtypes))}), "
+                         f"got {tuple(out.shape)}, {out.dtype}")
     q_strides, out_strides, _, _, block_table_strides = strides
     if q_strides[2] != 1 or out_strides[2] != 1:
         raise ValueError("q and out must be contiguous in their last (head_size) dimension")
@@ -97,6 +108,7 @@ def paged_attention(
     window_size: tuple = (-1, -1),
     softcap: float = 0.0,
     sinks: Optional[torch.Tensor] = None,
+    q_scale: Optional[torch.Tensor] = None,
     k_scale: Optional[torch.Tensor] = None,
     v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
@@ -114,7 +126,8 @@ def paged_attention(
     Parameters
     ----------
     q : torch.Tensor
-        ``[num_tokens, num_q_heads, head_size]`` float16 / bfloat16 / float32 (last dim contiguous).
+        ``[num_tokens, num_q_heads, head_size]`` float16 / bfloat16 / float32 (last dim contiguous), or
+        FP8 with ``q_scale`` over an FP8 cache (then ``out`` is float16 / bfloat16).
     k_cache, v_cache : torch.Tensor
         ``[num_pages, page_size, num_kv_heads, head_size]``, any strides (e.g. a view of vLLM's
         ``[num_blocks, 2, page_size, num_kv_heads, head_size]`` or SGLang's token pool); q's dtype, or
@@ -125,7 +138,8 @@ def paged_attention(
     plan : AttentionPlan
         From ``plan_attention`` for this batch.
     out : torch.Tensor
-        Like ``q``; rows of the batch's tokens are overwritten (padding rows are left alone).
+        Like ``q`` (float16 / bfloat16 for FP8 queries); rows of the batch's tokens are overwritten
+        (padding rows are left alone).
     softmax_scale : float
         Multiplies ``q . k``.
     causal : bool
@@ -137,8 +151,8 @@ def paged_attention(
         If > 0, logits become ``softcap * tanh(logits / softcap)``.
     sinks : torch.Tensor, optional
         float32 ``[num_q_heads]``: ``exp(sinks[h])`` joins each row's softmax denominator.
-    k_scale, v_scale : torch.Tensor, optional
-        FP8 caches only (then required): float32 one-element tensors on q's device, the per-tensor
+    q_scale, k_scale, v_scale : torch.Tensor, optional
+        FP8 queries / caches only (then required): float32 one-element tensors on q's device, the per-tensor
         dequantization scales (a cache value ``x`` stands for ``float(x) * scale``). Read on the
         device by every call, so a CUDA graph replays with the engine's current scales.
 
@@ -149,8 +163,9 @@ def paged_attention(
     """
     all_strides = (q.stride(), out.stride(), k_cache.stride(), v_cache.stride(), block_table.stride())
     kv_dtype = _check_inputs(q, k_cache, v_cache, block_table, plan, out, sinks, all_strides)
-    plain_kv = kv_dtype is q.dtype and k_scale is None and v_scale is None
-    kv_fp8 = not plain_kv and _check_kv_scales(q.dtype, kv_dtype, q.device, k_scale, v_scale)
+    dtype = q.dtype
+    plain_kv = kv_dtype is dtype and out.dtype is dtype and k_scale is None and v_scale is None and q_scale is None
+    kv_fp8 = not plain_kv and _check_kv_scales(dtype, kv_dtype, q.device, q_scale, k_scale, v_scale)
     if not causal and plan.num_decodes and plan.max_decode_query_len > 1:
         raise ValueError("causal=False is not supported for decode-like sequences of several query tokens "
                          "(plan them as prefills: num_decodes=0)")
@@ -160,8 +175,8 @@ def paged_attention(
     use_softcap = softcap > 0
     use_sinks = sinks is not None
     use_window = window_left >= 0
-    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    common = (q, k_cache, v_cache, block_table, plan.seq_lens, plan.query_start_loc, sinks, k_scale, v_scale,
+    dot_precision = "ieee" if dtype == torch.float32 else "tf32"
+    common = (q, k_cache, v_cache, block_table, plan.seq_lens, plan.query_start_loc, sinks, q_scale, k_scale, v_scale,
               float(softmax_scale), float(softcap) if use_softcap else 0.0, max(window_left, 0))
     q_strides, out_strides, k_strides, v_strides, block_table_strides = all_strides
     k_dim_contiguous, v_dim_contiguous = k_strides[3] == 1, v_strides[3] == 1
