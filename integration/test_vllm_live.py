@@ -66,11 +66,26 @@ ATTNPLUG_BACKEND_COMPILED = VllmConfig.make(
     cpu_attn_class=ATTNPLUG_BACKEND.cpu_attn_class, report=True, compiled=True,
 )
 
+# FP8 KV cache (--kv-cache-dtype fp8: vLLM's per-tensor FP8_PER_TENSOR mode, written by vLLM's own Triton KV
+# write with the layers' k/v scales). An FP8 cache changes the greedy tokens, so the reference is vLLM's own
+# Triton attention with the same FP8 cache, not STOCK. Basic workload only (no concurrency): ~1 min each here.
+FP8_ARGS = ("--kv-cache-dtype", "fp8")
+VLLM_TRITON_FP8 = VllmConfig.make("vllm-triton-fp8", env=dict(VLLM_TRITON.env), args=FP8_ARGS,
+                                  cpu_attn_class=TRITON_BACKEND)
+ATTNPLUG_BACKEND_FP8 = VllmConfig.make(
+    "attnplug-backend-fp8", env=dict(ATTNPLUG_BACKEND.env), args=(*ATTNPLUG_BACKEND.args, *FP8_ARGS),
+    cpu_attn_class=ATTNPLUG_BACKEND.cpu_attn_class, report=True,
+)
+PATCHED_TRITON_FP8 = VllmConfig.make(
+    "patched-triton-fp8", env=dict(PATCHED_TRITON.env), args=FP8_ARGS, cpu_attn_class=TRITON_BACKEND, report=True,
+)
+FP8_CONFIGS = [ATTNPLUG_BACKEND_FP8, PATCHED_TRITON_FP8]
+
 SPEC_CONFIGS = [ATTNPLUG_BACKEND_SPEC, PATCHED_TRITON_SPEC]
 SAME_TOKENS_AS_STOCK = [VLLM_TRITON, ATTNPLUG_BACKEND, PATCHED_TRITON, DISABLED, NOT_ALLOWED, *SPEC_CONFIGS,
                         ATTNPLUG_BACKEND_COMPILED]
 CONCURRENCY_CONFIGS = {STOCK, ATTNPLUG_BACKEND, *SPEC_CONFIGS}
-RUNS_ATTNPLUG = [ATTNPLUG_BACKEND, PATCHED_TRITON, *SPEC_CONFIGS, ATTNPLUG_BACKEND_COMPILED]
+RUNS_ATTNPLUG = [ATTNPLUG_BACKEND, PATCHED_TRITON, *SPEC_CONFIGS, ATTNPLUG_BACKEND_COMPILED, *FP8_CONFIGS]
 NUM_LAYERS = 2  # integration/tiny_model.py
 
 
@@ -114,6 +129,39 @@ def test_same_tokens_as_stock(server: harness.ServerRun, live_servers: harness.L
     assert server.chat.key == stock.chat.key, f"{server.config.label}: {server.chat}\nstock: {stock.chat}"
 
 
+def _kv_cache_tokens(run: harness.ServerRun) -> int:
+    """The KV cache's capacity in tokens, from vLLM's start-up log (the same memory budget in every config)."""
+    sizes = re.findall(r"KV cache size: ([\d,]+) tokens", run.log)
+    assert sizes, "vLLM logged no KV cache size"
+    return int(sizes[-1].replace(",", ""))
+
+
+@pytest.mark.parametrize("server", [VLLM_TRITON_FP8, *FP8_CONFIGS], indirect=True, ids=label)
+def test_fp8_configs_really_run_an_fp8_kv_cache(server: harness.ServerRun, live_servers: harness.LiveServers) -> None:
+    """The engine took --kv-cache-dtype fp8: one byte per value, so 4x the float32 cache's tokens in the same
+    memory, and the greedy tokens are not those of the float32 cache (this model and workload)."""
+    stock = live_servers.run(STOCK)
+    harness.assert_full_greedy_sequences(server)
+    assert re.search(r"kv_cache_dtype=fp8\b", server.log), "the engine config shows no fp8 KV cache"
+    assert _kv_cache_tokens(server) == 4 * _kv_cache_tokens(stock)
+    assert [g.key for g in server.completions] != [g.key for g in stock.completions], (
+        "the FP8 cache gave the float32 cache's tokens: the differential test below would prove nothing")
+
+
+@pytest.mark.parametrize("server", FP8_CONFIGS, indirect=True, ids=label)
+def test_fp8_kv_cache_same_tokens_as_vllms_triton_attention(server: harness.ServerRun,
+                                                            live_servers: harness.LiveServers) -> None:
+    """attnplug's kernels on vLLM's FP8 cache (its scales) give the greedy tokens of vLLM's own Triton attention."""
+    reference = live_servers.run(VLLM_TRITON_FP8)
+    routed = rf"Worker\S* pid=\d+\) .*routes CPU_ATTN to {re.escape(server.config.cpu_attn_class)}"
+    assert re.search(routed, server.log), f"no worker log line matching {routed!r}"
+    assert [g.key for g in server.completions] == [g.key for g in reference.completions], (
+        f"{server.config.label}:\n{harness.describe(server.completions, PROMPTS)}\n"
+        f"{reference.config.label}:\n{harness.describe(reference.completions, PROMPTS)}"
+    )
+    assert server.chat.key == reference.chat.key, f"{server.config.label}: {server.chat}\nreference: {reference.chat}"
+
+
 @pytest.mark.parametrize("server", sorted(CONCURRENCY_CONFIGS, key=label), indirect=True, ids=label)
 def test_concurrent_requests_equal_sequential(server: harness.ServerRun) -> None:
     assert server.concurrent is not None and server.sequential is not None
@@ -140,7 +188,7 @@ def test_attnplug_kernels_ran_in_the_worker_and_planned_once_per_batch(server: h
     assert counts.get("plan_attention", 0) > 0 and counts.get("paged_attention", 0) > 0, counts
     # Every batch is planned once, then each of the model's layers runs attention with that plan.
     assert counts["paged_attention"] == NUM_LAYERS * counts["plan_attention"], f"{process}: {counts}"
-    if server.config is PATCHED_TRITON:
+    if server.config in (PATCHED_TRITON, PATCHED_TRITON_FP8):
         assert worker["patches"] == {"vllm.triton_attn.split_launch": {"status": "applied", "reason": ""}}
     assert "falls back to vLLM's Triton kernel" not in server.log, "a call fell back to the stock kernel"
 

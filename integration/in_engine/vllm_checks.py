@@ -14,6 +14,7 @@ import attnplug_cpu_shim  # noqa: E402,F401
 import pickle  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import types  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -114,11 +115,13 @@ def configs():
     return {"plain": make(), "spec": make(speculative_config=speculative)}
 
 
-def make_builder(builder_cls, vllm_config):
+def make_builder(builder_cls, vllm_config, cache_dtype="auto"):
     from vllm.config import set_current_vllm_config
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVQuantMode
 
-    spec = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=NUM_KV_HEADS, head_size=HEAD_SIZE, dtype=torch.float32)
+    cache = ({"dtype": torch.uint8, "kv_quant_mode": KVQuantMode.FP8_PER_TENSOR} if cache_dtype == "fp8"
+             else {"dtype": torch.float32})
+    spec = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=NUM_KV_HEADS, head_size=HEAD_SIZE, **cache)
     with set_current_vllm_config(vllm_config):
         return builder_cls(spec, ["model.layers.0.self_attn.attn"], vllm_config, torch.device("cpu"))
 
@@ -270,3 +273,347 @@ def test_patched_triton_hands_a_mixed_batch_in_a_full_graph_capture_back(configs
             triton_attn.unified_attention(**batch.unified_attention_kwargs(attn_metadata, out))
             assert (report.op_calls["paged_attention"] > calls) == ours_expected, query_lens
             assert not torch.isnan(out).any()
+
+
+# ----------------------------------------------------------------------------- FP8 KV cache (--kv-cache-dtype fp8)
+# vLLM's per-tensor FP8 KV cache: its own Triton KV write (key / layer._k_scale, stored as
+# current_platform.fp8_dtype()) fills a uint8 cache; attnplug must read the same bytes as that dtype with the
+# layer's own scale tensors. Scales != 1 so that a dropped or swapped scale shows in the outputs.
+K_SCALE, V_SCALE = 0.25, 3.0
+_layer_names = iter(range(10**6))
+
+
+def make_attention_layer(backend_cls, vllm_config, cache_dtype):
+    """A real vLLM ``Attention`` layer of the tiny model's shape on ``backend_cls``, with KV cache ``cache_dtype``."""
+    from vllm.config import CacheConfig, set_current_vllm_config
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    cache_config = CacheConfig(block_size=BLOCK_SIZE, cache_dtype=cache_dtype)
+    with set_current_vllm_config(vllm_config):
+        return Attention(NUM_Q_HEADS, HEAD_SIZE, HEAD_SIZE ** -0.5, NUM_KV_HEADS, cache_config=cache_config,
+                         prefix=f"model.layers.{next(_layer_names)}.self_attn.attn", attn_backend=backend_cls)
+
+
+@pytest.fixture
+def as_if_on_cuda(monkeypatch):
+    """vLLM's platform answers like an SM90 GPU while layers are built (TritonAttentionImpl's CUDA branch)."""
+    import vllm.model_executor.layers.attention.attention  # noqa: F401 -- imported as on CPU (no flash-attn import)
+    from vllm.platforms import current_platform
+    from vllm.platforms.interface import DeviceCapability
+
+    monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
+    monkeypatch.setattr(type(current_platform), "get_device_capability",
+                        classmethod(lambda cls, device_id=0: DeviceCapability(9, 0)))
+
+
+@pytest.mark.parametrize("cache_dtype", ["fp8", "fp8_e4m3", "fp8_e5m2"])
+def test_on_cuda_vllm_quantizes_the_query_and_the_attnplug_backend_keeps_it(configs, as_if_on_cuda, cache_dtype):
+    """On CUDA, TritonAttentionImpl sets ``supports_quant_query_input`` and vLLM's Attention layer then quantizes
+    the query to fp8 (``layer.query_quant``, scale ``layer._q_scale``) before the impl runs. The ATTNPLUG impl
+    turns that off for the FP8 layers it serves (its kernels take the model's dtype); the patched TRITON_ATTN
+    keeps vLLM's quantization (its kernels read the fp8 query with ``q_descale``)."""
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+
+    from attnplug.adapters.vllm.backend import AttnplugBackend
+
+    stock = make_attention_layer(TritonAttentionBackend, configs["plain"], cache_dtype)
+    assert stock.impl.supports_quant_query_input is True and stock.query_quant is not None
+    ours = make_attention_layer(AttnplugBackend, configs["plain"], cache_dtype)
+    assert ours.impl._layer_fallback is None
+    assert ours.impl.supports_quant_query_input is False and ours.query_quant is None
+    with attnplug.patched("vllm", split_launch=True):
+        patched = make_attention_layer(TritonAttentionBackend, configs["plain"], cache_dtype)
+    assert patched.impl.supports_quant_query_input is True and patched.query_quant is not None
+
+
+@pytest.mark.parametrize("cache_dtype", ["int8_per_token_head", "fp8_per_token_head"])
+def test_on_cuda_per_token_head_layers_keep_vllms_query_handling(configs, as_if_on_cuda, cache_dtype):
+    from attnplug.adapters.vllm.backend import AttnplugBackend
+
+    ours = make_attention_layer(AttnplugBackend, configs["plain"], cache_dtype)
+    assert ours.impl.supports_quant_query_input is True  # vLLM's own value, untouched (the layer is vLLM's)
+
+
+class Fp8Batch:
+    """A batch over an FP8 KV cache that vLLM's own KV write filled: decode-like requests first.
+
+    The cache is one uint8 buffer in the physical NHD order, seen as the logical
+    ``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` TRITON_ATTN's forward receives."""
+
+    def __init__(self, layer, query_lens, seq_lens, *, seed):
+        from attnplug_cpu_shim import allow_fp8_kv_cache_writes
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+
+        allow_fp8_kv_cache_writes()  # the CPU platform has no device capability (see the shim)
+        g = torch.Generator().manual_seed(seed)
+        pages = [-(-n // BLOCK_SIZE) for n in seq_lens]
+        num_blocks = sum(pages) + 2
+        physical = torch.zeros(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, 2 * HEAD_SIZE, dtype=torch.uint8)
+        self.kv_cache = physical.permute(0, 2, 1, 3)
+        perm = torch.randperm(num_blocks - 1, generator=g).add(1).int()
+        block_table = torch.zeros(len(seq_lens), max(pages), dtype=torch.int32)
+        used = 0
+        for i, n in enumerate(pages):
+            block_table[i, :n] = perm[used:used + n]
+            used += n
+        # every position of every sequence goes through vLLM's own write path (layer._k_scale / _v_scale)
+        slots = torch.cat([block_table[i, torch.arange(n) // BLOCK_SIZE].long() * BLOCK_SIZE
+                           + torch.arange(n) % BLOCK_SIZE for i, n in enumerate(seq_lens)])
+        self.keys = torch.randn(len(slots), NUM_KV_HEADS, HEAD_SIZE, generator=g)
+        values = torch.randn(len(slots), NUM_KV_HEADS, HEAD_SIZE, generator=g)
+        layer.impl.do_kv_cache_update(layer, self.keys, values, self.kv_cache, slots)
+        assert self.kv_cache.any(), "vLLM's KV write stored nothing"
+        qsl = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+        self.q = torch.randn(sum(query_lens), NUM_Q_HEADS, HEAD_SIZE, generator=g)
+        self.query_lens, self.seq_lens, self.block_table = list(query_lens), list(seq_lens), block_table
+        self.metadata = CommonAttentionMetadata(
+            query_start_loc=qsl, query_start_loc_cpu=qsl.clone(), seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            num_reqs=len(seq_lens), num_actual_tokens=len(self.q), max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens), block_table_tensor=block_table,
+            slot_mapping=torch.zeros(len(self.q), dtype=torch.int64),
+        )
+
+    def reference(self, k_scale: float, v_scale: float, q: torch.Tensor | None = None) -> torch.Tensor:
+        """float64 causal attention over the dequantized cache (``fp8 value * scale``), GQA; ``q``: the
+        queries (default ``self.q``)."""
+        k_all, v_all = (half.contiguous().view(torch.float8_e4m3fn).double()
+                        for half in self.kv_cache.transpose(1, 2).split(HEAD_SIZE, dim=-1))
+        k_all, v_all, q_all = k_all * k_scale, v_all * v_scale, q
+        out, start = torch.empty(len(self.q), NUM_Q_HEADS, HEAD_SIZE, dtype=torch.float64), 0
+        group = NUM_Q_HEADS // NUM_KV_HEADS
+        for i, (qlen, n) in enumerate(zip(self.query_lens, self.seq_lens)):
+            blocks = self.block_table[i, torch.arange(n) // BLOCK_SIZE].long()
+            k = k_all[blocks, torch.arange(n) % BLOCK_SIZE].repeat_interleave(group, dim=1)  # [n, Hq, D]
+            v = v_all[blocks, torch.arange(n) % BLOCK_SIZE].repeat_interleave(group, dim=1)
+            q = (self.q if q_all is None else q_all)[start:start + qlen].double()
+            logits = torch.einsum("qhd,khd->hqk", q, k) * HEAD_SIZE ** -0.5
+            positions = n - qlen + torch.arange(qlen)
+            logits = logits.masked_fill(torch.arange(n)[None, None, :] > positions[None, :, None], float("-inf"))
+            out[start:start + qlen] = torch.einsum("hqk,khd->qhd", logits.softmax(-1), v)
+            start += qlen
+        return out
+
+
+def run_forward(layer, batch, attn_metadata, forward):
+    out = torch.full_like(batch.q, float("nan"))
+    forward(layer, batch.q, None, None, batch.kv_cache, attn_metadata, out)
+    return out
+
+
+FP8_BATCHES = {  # (query_lens, seq_lens, num_decodes with speculative decoding's threshold 1 + 3)
+    "decodes_verify_and_prefill": ([1, 4, 1, 3, 40], [100, 65, 7, 300, 90], 4),
+    "decodes_only": ([1, 1, 1], [130, 33, 257], 3),
+}
+
+
+@pytest.mark.parametrize(("case", "cache_dtype"), [(case, "fp8") for case in sorted(FP8_BATCHES)]
+                         + [("decodes_verify_and_prefill", "fp8_e5m2")])
+def test_attnplug_backend_reads_vllms_fp8_cache_with_the_layers_scales(configs, case, cache_dtype, monkeypatch):
+    """The ATTNPLUG impl with ``--kv-cache-dtype fp8``: the cache vLLM's own write filled, read by attnplug's
+    paged_attention as float8_e4m3fn views of the same memory with the layer's ``_k_scale`` / ``_v_scale``
+    tensors themselves; the output equals vLLM's own TRITON_ATTN forward and a float64 reference. vLLM's
+    Triton KV write stores ``fp8_e5m2`` as ``current_platform.fp8_dtype()`` too (e4m3), and so it is read."""
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
+
+    from attnplug.adapters.vllm.backend import AttnplugBackend, AttnplugMetadataBuilder
+
+    layer = make_attention_layer(AttnplugBackend, configs["spec"], cache_dtype)
+    layer._k_scale.fill_(K_SCALE)
+    layer._v_scale.fill_(V_SCALE)
+    query_lens, seq_lens, num_decodes = FP8_BATCHES[case]
+    batch = Fp8Batch(layer, query_lens, seq_lens, seed=5)
+    attn_metadata = make_builder(AttnplugMetadataBuilder, configs["spec"], "fp8").build(0, batch.metadata)
+    assert attn_metadata.attnplug_plan.num_decodes == num_decodes
+    calls = []
+    real = layer.impl._paged_attention
+    monkeypatch.setattr(layer.impl, "_paged_attention", lambda *a, **kw: calls.append((a, kw)) or real(*a, **kw))
+    ours = run_forward(layer, batch, attn_metadata, layer.impl.forward)
+    (args, kwargs), = calls
+    k_cache, v_cache = args[1], args[2]
+    assert k_cache.dtype == v_cache.dtype == torch.float8_e4m3fn
+    assert k_cache.untyped_storage().data_ptr() == batch.kv_cache.untyped_storage().data_ptr()
+    assert kwargs["k_scale"] is layer._k_scale and kwargs["v_scale"] is layer._v_scale
+    stock = run_forward(layer, batch, attn_metadata, lambda *a: TritonAttentionImpl.forward(layer.impl, *a))
+    torch.testing.assert_close(ours, stock, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(ours.double(), batch.reference(K_SCALE, V_SCALE), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", sorted(FP8_BATCHES))
+def test_patched_triton_reads_vllms_fp8_cache_with_the_descale_tensors(configs, case, monkeypatch):
+    """The patched TRITON_ATTN with ``--kv-cache-dtype fp8``: vLLM's forward passes FP8 views and
+    ``k_descale = layer._k_scale.expand((num_seqs, num_kv_heads))``; attnplug's paged_attention gets one-element
+    views of the layer's scale memory (no copy) and gives vLLM's own kernel's output."""
+    import vllm.v1.attention.backends.triton_attn as triton_attn
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionMetadataBuilder
+
+    from attnplug import ops
+
+    calls = []
+    real_resolve = ops.resolve
+
+    def recording_resolve(name):
+        op = real_resolve(name)
+        return (lambda *a, **kw: calls.append((a, kw)) or op(*a, **kw)) if name == "paged_attention" else op
+
+    monkeypatch.setattr(ops, "resolve", recording_resolve)
+    query_lens, seq_lens, num_decodes = FP8_BATCHES[case]
+    with attnplug.patched("vllm", split_launch=True):
+        layer = make_attention_layer(TritonAttentionBackend, configs["spec"], "fp8")
+        layer._k_scale.fill_(K_SCALE)
+        layer._v_scale.fill_(V_SCALE)
+        batch = Fp8Batch(layer, query_lens, seq_lens, seed=6)
+        attn_metadata = make_builder(TritonAttentionMetadataBuilder, configs["spec"], "fp8").build(
+            0, batch.metadata)
+        assert attn_metadata.attnplug_plan.num_decodes == num_decodes
+        ours = run_forward(layer, batch, attn_metadata, layer.impl.forward)
+        original = triton_attn.unified_attention.__wrapped__
+    assert triton_attn.unified_attention is original  # reverted: the same forward now runs vLLM's own kernel
+    (args, kwargs), = calls
+    assert args[1].dtype == args[2].dtype == torch.float8_e4m3fn
+    for scale, source in ((kwargs["k_scale"], layer._k_scale), (kwargs["v_scale"], layer._v_scale)):
+        assert scale.numel() == 1 and scale.dtype == torch.float32 and scale.data_ptr() == source.data_ptr()
+    stock = run_forward(layer, batch, attn_metadata, layer.impl.forward)
+    torch.testing.assert_close(ours, stock, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(ours.double(), batch.reference(K_SCALE, V_SCALE), atol=1e-4, rtol=1e-4)
+
+
+Q_SCALE = 0.05
+
+
+def fp8_query_batch(configs, which, seed):
+    """A layer of ``which`` (its builder's metadata) over vLLM's FP8 cache, and queries quantized to fp8 the way
+    vLLM's Attention layer does on CUDA (``query / layer._q_scale``, then TRITON_ATTN passes ``q_descale``)."""
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionMetadataBuilder
+
+    from attnplug.adapters.vllm.backend import AttnplugBackend, AttnplugMetadataBuilder
+
+    backend, builder = ((AttnplugBackend, AttnplugMetadataBuilder) if which == "attnplug_backend"
+                        else (TritonAttentionBackend, TritonAttentionMetadataBuilder))
+    layer = make_attention_layer(backend, configs["spec"], "fp8")
+    layer._q_scale.fill_(Q_SCALE)
+    layer._k_scale.fill_(K_SCALE)
+    layer._v_scale.fill_(V_SCALE)
+    batch = Fp8Batch(layer, *FP8_BATCHES["decodes_verify_and_prefill"][:2], seed=seed)
+    batch.q = (batch.q * 0.1 / Q_SCALE).to(torch.float8_e4m3fn)  # queries of magnitude ~0.1, stored as fp8 / scale
+    attn_metadata = make_builder(builder, configs["spec"], "fp8").build(0, batch.metadata)
+    return layer, batch, attn_metadata
+
+
+@pytest.mark.parametrize("which", ["attnplug_backend", "patched_triton"])
+def test_fp8_queries_run_with_the_layers_q_scale(configs, which, monkeypatch):
+    """A query vLLM quantized to fp8 (TRITON_ATTN's path on CUDA: ``q_descale = layer._q_scale``) runs through
+    attnplug's kernels with that scale into the model's 16-bit output: at least about as close to a float64
+    reference on the dequantized query and cache as vLLM's own fp8-query kernel (which also rounds P to fp8)."""
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
+
+    from attnplug import ops
+
+    calls = []
+    real_resolve = ops.resolve
+
+    def recording_resolve(name):
+        op = real_resolve(name)
+        return (lambda *a, **kw: calls.append((a, kw)) or op(*a, **kw)) if name == "paged_attention" else op
+
+    monkeypatch.setattr(ops, "resolve", recording_resolve)  # before the backend / patch resolve their op
+    with attnplug.patched("vllm", split_launch=(which == "patched_triton")):
+        layer, batch, attn_metadata = fp8_query_batch(configs, which, seed=8)
+        ours = torch.full(batch.q.shape, float("nan"), dtype=torch.float16)
+        layer.impl.forward(layer, batch.q, None, None, batch.kv_cache, attn_metadata, ours)
+    (args, kwargs), = calls
+    assert args[0].dtype == torch.float8_e4m3fn and kwargs["q_scale"].data_ptr() == layer._q_scale.data_ptr()
+    assert kwargs["k_scale"].data_ptr() == layer._k_scale.data_ptr()
+    stock = torch.full(batch.q.shape, float("nan"), dtype=torch.float16)
+    TritonAttentionImpl.forward(layer.impl, layer, batch.q, None, None, batch.kv_cache, attn_metadata, stock)
+    expected = batch.reference(K_SCALE, V_SCALE, q=batch.q.double() * Q_SCALE)
+    ours_error, stock_error = ((out.double() - expected).abs().max().item() for out in (ours, stock))
+    assert ours_error <= 1.25 * stock_error + 1e-3, (ours_error, stock_error)
+    torch.testing.assert_close(ours.double(), expected, atol=3e-2, rtol=0)  # |expected| <= ~1
+
+
+def test_fp8_query_decodes_that_vllm_splits_go_to_vllms_kernel(configs, monkeypatch):
+    """The patched TRITON_ATTN hands an FP8-query decode batch of at most ``seq_threshold_3D`` sequences
+    (vLLM's split-K FP8 kernel, faster there) back to vLLM, with one log line, and takes the others."""
+    from vllm.v1.attention.backends.triton_attn import (
+        TritonAttentionBackend,
+        TritonAttentionImpl,
+        TritonAttentionMetadataBuilder,
+    )
+
+    from attnplug._log import logger
+    from attnplug.adapters.vllm.triton_attn import FP8_QUERY_DECODES_VLLM_SPLITS
+
+    messages = []
+    monkeypatch.setattr(logger, "info", lambda message, *args: messages.append(message % args if args else message))
+    with attnplug.patched("vllm", split_launch=True):
+        layer = make_attention_layer(TritonAttentionBackend, configs["spec"], "fp8")
+        for scale, value in ((layer._q_scale, Q_SCALE), (layer._k_scale, K_SCALE), (layer._v_scale, V_SCALE)):
+            scale.fill_(value)
+        for case, taken in (("decodes_only", False), ("decodes_verify_and_prefill", True)):
+            batch = Fp8Batch(layer, *FP8_BATCHES[case][:2], seed=10)
+            batch.q = (batch.q * 0.1 / Q_SCALE).to(torch.float8_e4m3fn)
+            attn_metadata = make_builder(TritonAttentionMetadataBuilder, configs["spec"], "fp8").build(0, batch.metadata)
+            assert len(batch.metadata.seq_lens) <= attn_metadata.seq_threshold_3D
+            calls = report.op_calls["paged_attention"]
+            ours = torch.full(batch.q.shape, float("nan"), dtype=torch.float16)
+            layer.impl.forward(layer, batch.q, None, None, batch.kv_cache, attn_metadata, ours)
+            assert (report.op_calls["paged_attention"] > calls) == taken, case
+            assert not torch.isnan(ours).any(), case
+    assert sum(FP8_QUERY_DECODES_VLLM_SPLITS in m for m in messages) == 1, messages
+
+
+@pytest.mark.parametrize("which", ["attnplug_backend", "patched_triton"])
+def test_fp8_queries_with_a_float32_output_go_to_vllms_kernel(configs, which):
+    """attnplug's kernels write an fp8 query's attention in 16 bits only: with a float32 output (a float32 model
+    on a GPU) the call runs vLLM's own kernel (the same output), attnplug's paged_attention is not called."""
+    import vllm.v1.attention.backends.triton_attn as triton_attn
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
+
+    with attnplug.patched("vllm", split_launch=(which == "patched_triton")):
+        layer, batch, attn_metadata = fp8_query_batch(configs, which, seed=9)
+        calls = report.op_calls["paged_attention"]
+        ours = torch.full(batch.q.shape, float("nan"))
+        layer.impl.forward(layer, batch.q, None, None, batch.kv_cache, attn_metadata, ours)
+        assert report.op_calls["paged_attention"] == calls, "attnplug ran an fp8 query into a float32 output"
+    assert not hasattr(triton_attn.unified_attention, "__wrapped__")
+    stock = torch.full(batch.q.shape, float("nan"))
+    TritonAttentionImpl.forward(layer.impl, layer, batch.q, None, None, batch.kv_cache, attn_metadata, stock)
+    assert not torch.isnan(stock).any()
+    torch.testing.assert_close(ours, stock, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("cache_dtype", ["int8_per_token_head", "fp8_per_token_head", "int4_per_token_head"])
+def test_per_token_head_modes_go_to_vllms_kernel_with_one_log_line(configs, cache_dtype, monkeypatch):
+    """Per-token-head KV quantization (scales inside the cache) is vLLM's: the ATTNPLUG impl hands every call to
+    TRITON_ATTN's forward and says so once; the patched TRITON_ATTN hands its unified_attention calls back."""
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
+
+    from attnplug._log import logger
+    from attnplug.adapters.vllm import triton_attn as replacements
+    from attnplug.adapters.vllm.backend import AttnplugBackend
+
+    said, handed_back = [], []
+    monkeypatch.setattr(logger, "info", lambda fmt, message: said.append(message))
+    monkeypatch.setattr(TritonAttentionImpl, "forward", lambda self, *a, **kw: handed_back.append(a) or a[-1])
+    layer = make_attention_layer(AttnplugBackend, configs["plain"], cache_dtype)
+    mode = layer.impl._kv_quant_mode
+    assert mode.is_per_token_head
+    calls = report.op_calls["paged_attention"]
+    batch = VerifyBatch([1, 1], [40, 70], seed=7)
+    attn_metadata = SimpleMetadata()
+    for _ in range(2):
+        layer.impl.forward(layer, batch.q, None, None, torch.empty(0), attn_metadata, torch.empty_like(batch.q))
+    assert len(handed_back) == 2 and report.op_calls["paged_attention"] == calls
+    assert said == [f"ATTNPLUG backend falls back to vLLM's Triton kernel for quantized KV cache ({mode.name})"]
+    plan = types.SimpleNamespace(num_prefills=0)  # any plan: the layer-wide arguments decide
+    kwargs = dict(q=batch.q, k=batch.q, causal=True, kv_quant_mode=mode, k_descale=None, v_descale=None)
+    monkeypatch.setattr(replacements, "capturing", lambda q: False)
+    assert replacements._why_not(plan, kwargs)[0] == f"quantized KV cache ({mode.name})"
+
+
+class SimpleMetadata:
+    """Stands in for TritonAttentionMetadata where only a hand-back is expected (never read by attnplug)."""
+
+    causal = True
+    mm_prefix_range_tensor = rswa_prefix_lens = None
+    num_actual_tokens = 0

@@ -3,8 +3,16 @@
 Selected with ``--attention-backend ATTNPLUG``. It keeps everything of ``TRITON_ATTN`` that is not
 the attention kernel (KV-cache layout and write path, supported dtypes, metadata), plans once per
 batch in the metadata builder and runs ``paged_attention`` once per layer. Calls it does not
-cover (ALiBi, quantized KV cache, fp8 output scale, multimodal prefix ranges, R-SWA, encoder
-attention, ...) go to vLLM's Triton kernel, with one log line per reason.
+cover (ALiBi, per-token-head quantized KV caches, fp8 output scale, multimodal prefix ranges, R-SWA,
+encoder attention, ...) go to vLLM's Triton kernel, with one log line per reason.
+
+FP8 KV cache (``--kv-cache-dtype fp8`` / ``fp8_e4m3`` / ``fp8_e5m2``: ``KVQuantMode.FP8_PER_TENSOR``):
+vLLM writes the cache (its own reshape-and-cache, dividing by the layer's ``_k_scale`` / ``_v_scale``)
+as ``current_platform.fp8_dtype()``; attnplug reads the same bytes as that dtype with the same two
+device scalars. On CUDA vLLM's Attention layer would also quantize the query to fp8 (the impl's
+``supports_quant_query_input``); the impl turns that off for the layers it serves, so attnplug's
+kernels take the query in the model's dtype (no quantization kernel, no query rounding). A query that
+arrives in fp8 anyway runs with the layer's ``_q_scale`` into a 16-bit output.
 
 This module imports vLLM: it is loaded only by vLLM itself, through the registered class path.
 """
@@ -23,11 +31,15 @@ from vllm.v1.attention.backends.triton_attn import (
 
 from attnplug import ops
 from attnplug.adapters.vllm.planning import (
+    FP8_PER_TENSOR,
     REORDER_BATCH_THRESHOLD,
+    UNSUPPORTED_SCALES,
     init_spec_as_decode,
     log_fallback_once,
+    per_tensor_scale,
     planner_of,
     unsupported_batch,
+    unsupported_fp8_storage,
     unsupported_layer,
 )
 from attnplug.adapters.vllm.registration import BACKEND_NAME
@@ -68,20 +80,31 @@ class AttnplugImpl(TritonAttentionImpl):
         super().__init__(*args, **kwargs)
         self._paged_attention = ops.resolve("paged_attention")
         self._kv_cache_views: tuple = (None, None, None)  # (kv_cache, k view, v view) of this layer
+        self._kv_fp8 = self._kv_quant_mode.name == FP8_PER_TENSOR
         self._layer_fallback = (
-            f"attention type {self.attn_type}" if self.attn_type != AttentionType.DECODER else None
-        ) or unsupported_layer(
-            alibi_slopes=self.alibi_slopes,
-            use_alibi_sqrt=self.use_alibi_sqrt,
-            kv_quant_mode=self._kv_quant_mode,
-            chunk_lookback=self.chunk_lookback,
+            (f"attention type {self.attn_type}" if self.attn_type != AttentionType.DECODER else None)
+            or unsupported_layer(
+                alibi_slopes=self.alibi_slopes,
+                use_alibi_sqrt=self.use_alibi_sqrt,
+                kv_quant_mode=self._kv_quant_mode,
+                chunk_lookback=self.chunk_lookback,
+            )
+            or (unsupported_fp8_storage(self.fp8_dtype) if self._kv_fp8 else None)
         )
+        if self._kv_fp8 and self._layer_fallback is None:
+            # vLLM's Attention layer reads this after building the impl (and at every forward): with it
+            # off, queries reach forward in the model's dtype instead of quantized to fp8 (CUDA)
+            self.supports_quant_query_input = False
 
     def _kv_views(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` -> k, v ``[num_blocks, block_size, num_kv_heads, head_size]``."""
+        """``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` -> k, v
+        ``[num_blocks, block_size, num_kv_heads, head_size]`` (an FP8 cache's bytes read as ``self.fp8_dtype``,
+        the dtype vLLM's KV write stores)."""
         cached, k_view, v_view = self._kv_cache_views
         if cached is not kv_cache:
             k_view, v_view = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+            if self._kv_fp8 and k_view.dtype != self.fp8_dtype:
+                k_view, v_view = k_view.view(self.fp8_dtype), v_view.view(self.fp8_dtype)
             self._kv_cache_views = (kv_cache, k_view, v_view)
         return k_view, v_view
 
@@ -90,22 +113,37 @@ class AttnplugImpl(TritonAttentionImpl):
     ):
         if attn_metadata is None:  # profiling run
             return output.fill_(0)
-        reason = self._layer_fallback or unsupported_batch(
-            causal=attn_metadata.causal,
-            q_descale=None,
-            output_scale=output_scale if output_block_scale is None else output_block_scale,
-            mm_prefix_range=attn_metadata.mm_prefix_range_tensor,
-            rswa_prefix_lens=attn_metadata.rswa_prefix_lens,
-            kv_dtype=kv_cache.dtype,
-            query_dtype=query.dtype,
-        )
+        reason = self._layer_fallback
+        q_scale = k_scale = v_scale = None
+        if reason is None:
+            k_cache, v_cache = self._kv_views(kv_cache)
+            query_dtype = query.dtype
+            if self._kv_fp8:  # vLLM's per-tensor dequantization scales: 0-d float32 device buffers, updated in place
+                k_scale, v_scale = per_tensor_scale(layer._k_scale), per_tensor_scale(layer._v_scale)
+                if query_dtype == self.fp8_dtype:  # quantized by vLLM's Attention layer (as TRITON_ATTN's forward)
+                    q_scale = per_tensor_scale(layer._q_scale)
+                    if q_scale is None:
+                        reason = UNSUPPORTED_SCALES
+                if k_scale is None or v_scale is None:
+                    reason = UNSUPPORTED_SCALES
+        if reason is None:
+            reason = unsupported_batch(
+                causal=attn_metadata.causal,
+                q_descale=q_scale,
+                output_scale=output_scale if output_block_scale is None else output_block_scale,
+                mm_prefix_range=attn_metadata.mm_prefix_range_tensor,
+                rswa_prefix_lens=attn_metadata.rswa_prefix_lens,
+                kv_dtype=k_cache.dtype,
+                query_dtype=query_dtype,
+                out_dtype=output.dtype,
+                on_gpu=query.is_cuda,
+            )
         if reason is not None:
             log_fallback_once("ATTNPLUG backend", reason)
             return super().forward(
                 layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
             )
         num_tokens = attn_metadata.num_actual_tokens
-        k_cache, v_cache = self._kv_views(kv_cache)
         self._paged_attention(
             query[:num_tokens],
             k_cache,
@@ -118,6 +156,9 @@ class AttnplugImpl(TritonAttentionImpl):
             window_size=self.sliding_window,
             softcap=self.logits_soft_cap,
             sinks=self.sinks,
+            q_scale=q_scale,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
         return output
 

@@ -19,6 +19,7 @@ import torch
 
 from attnplug import ops, report
 from attnplug._log import log_once
+from attnplug.core.attention import FP8_KV_DTYPES
 
 REORDER_BATCH_THRESHOLD = 1  # without speculative decoding: decode requests (one query token) first
 
@@ -120,25 +121,62 @@ class PlanStash:
         return entry[1] if entry is not None and entry[0]() is seq_lens else None
 
 
+FP8_PER_TENSOR = "FP8_PER_TENSOR"  # vLLM's KVQuantMode for --kv-cache-dtype fp8 / fp8_e4m3 / fp8_e5m2
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+UNSUPPORTED_SCALES = "FP8 scales that are not one float32 value per tensor"
+
+
 def unsupported_layer(*, alibi_slopes, use_alibi_sqrt, kv_quant_mode, chunk_lookback) -> str | None:
-    """Why attnplug's kernels cannot serve a layer configured like this (None: they can)."""
+    """Why attnplug's kernels cannot serve a layer configured like this (None: they can).
+
+    Of vLLM's quantized KV caches attnplug reads the per-tensor FP8 one (``KVQuantMode.FP8_PER_TENSOR``);
+    the per-token-head int8 / fp8 / int4 modes (scales inside the cache) and the others are vLLM's.
+    """
     if alibi_slopes is not None or use_alibi_sqrt:
         return "ALiBi"
-    if kv_quant_mode is not None and kv_quant_mode.name != "NONE":
+    if kv_quant_mode is not None and kv_quant_mode.name not in ("NONE", FP8_PER_TENSOR):
         return f"quantized KV cache ({kv_quant_mode.name})"
     if chunk_lookback != -1:
         return "chunked (lookback) attention"
     return None
 
 
+def unsupported_fp8_storage(fp8_dtype: torch.dtype) -> str | None:
+    """Why attnplug cannot read an FP8 KV cache that vLLM stores as ``fp8_dtype`` (None: it can).
+
+    vLLM stores every ``fp8*`` ``--kv-cache-dtype`` of these backends as ``current_platform.fp8_dtype()``
+    (float8_e4m3fn; float8_e4m3fnuz on some ROCm GPUs, which attnplug's kernels do not read).
+    """
+    return None if fp8_dtype in FP8_KV_DTYPES else f"FP8 KV cache stored as {fp8_dtype}"
+
+
 def unsupported_batch(
-    *, causal, q_descale, output_scale, mm_prefix_range, rswa_prefix_lens, kv_dtype, query_dtype
+    *, causal, q_descale, output_scale, mm_prefix_range, rswa_prefix_lens, kv_dtype, query_dtype, out_dtype=None,
+    on_gpu=False,
 ) -> str | None:
-    """Why attnplug's kernels do not cover this call of a layer they serve (None: they do)."""
+    """Why attnplug's kernels do not cover this call of a layer they serve (None: they do).
+
+    ``kv_dtype`` is the dtype the caches are read as: the query's, or an FP8 dtype (``FP8_KV_DTYPES``, with
+    per-tensor scales, see :func:`per_tensor_scale`) for float16 / bfloat16 queries (float32 too off the GPU)
+    or for FP8 queries with their per-tensor ``q_descale`` (vLLM's query quantization on CUDA) and a 16-bit
+    output. ``out_dtype`` defaults to the query's.
+    """
     if causal is not True:
         return "non-causal or per-sequence causal attention"
-    if kv_dtype != query_dtype or q_descale is not None:
-        return f"KV cache in {kv_dtype} with queries in {query_dtype}"
+    if query_dtype in FP8_KV_DTYPES:
+        if kv_dtype not in FP8_KV_DTYPES:
+            return f"a query in {query_dtype} over a KV cache in {kv_dtype}"
+        if q_descale is None:
+            return f"a query in {query_dtype} without q_descale"
+        if out_dtype not in _SIXTEEN_BIT:
+            return f"a query in {query_dtype} with output in {out_dtype}"
+    elif q_descale is not None or query_dtype.itemsize == 1:
+        return f"a query in {query_dtype} with q_descale" if q_descale is not None else f"a query in {query_dtype}"
+    elif kv_dtype != query_dtype:
+        if kv_dtype not in FP8_KV_DTYPES:
+            return f"KV cache in {kv_dtype} with queries in {query_dtype}"
+        if query_dtype not in _SIXTEEN_BIT and on_gpu:
+            return f"an FP8 KV cache with {query_dtype} queries on the GPU"
     if output_scale is not None:
         return "fp8 output scale"
     if mm_prefix_range is not None:
@@ -146,6 +184,26 @@ def unsupported_batch(
     if rswa_prefix_lens is not None:
         return "R-SWA prefix lengths"
     return None
+
+
+def per_tensor_scale(scale: torch.Tensor | None) -> torch.Tensor | None:
+    """The one-element float32 tensor behind a per-tensor KV scale as vLLM hands it over (None: it is not one).
+
+    vLLM passes ``layer._k_scale`` (a 0-d float32 buffer) to ``unified_attention`` as
+    ``layer._k_scale.expand((num_seqs, num_kv_heads))``: every element is that one value (all strides 0).
+    The result is a view of the same memory (no copy, no host sync), so a CUDA graph replays with the
+    scale's current value. Host-side attribute reads only.
+    """
+    if scale is None or scale.dtype != torch.float32:
+        return None
+    if scale.dim() == 0 or scale.numel() == 1:
+        return scale
+    base = scale._base  # the tensor that was expanded (the view's root): usually layer._k_scale itself
+    if base is not None and base.numel() == 1 and base.dtype == torch.float32:
+        return base
+    if any(scale.stride()):
+        return None  # several distinct values: per-sequence / per-head scales
+    return scale.as_strided((), ())  # a broadcast of one element of a larger tensor
 
 
 def log_fallback_once(where: str, reason: str) -> None:
