@@ -18,10 +18,19 @@ with torch_native WITHOUT speculative decoding: stock SGLang 0.5.23's own Triton
 tokens with speculative decoding on CPU (its CPU path builds the small verify-mask layout,
 ``QLEN_ONLY``, which the Triton backend reads as the full one), while attnplug's chain-draft kernels
 read no mask.
+
+FP8 KV cache (``--kv-cache-dtype fp8_e4m3``): SGLang 0.5.23 on CPU refuses it for every backend but
+``intel_amx`` ("CPU FP8 KV cache requires Intel AMX support.", then "... requires the intel_amx
+attention backend.") and gives the pool its CPU-only ``cpu_fp8_e4m3`` recipe; ``fp8_e5m2`` is refused
+outright ("--kv-cache-dtype fp8_e5m2 is not supported on CPU."). The FP8 configs therefore run with the
+test-only ``integration/shims/sglang_gpu_fp8_pool``, which makes SGLang build the pool it builds on a
+GPU (a plain ``MHATokenToKVPool`` of float8_e4m3fn stored as uint8); attnplug over that pool must give
+the tokens of stock torch_native over the same pool.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -60,6 +69,21 @@ ATTNPLUG_STANDALONE = SglangConfig.make("attnplug-standalone", "attnplug", env={
 # tree drafts: refused at start-up, naming the flag to change
 ATTNPLUG_TREE_DRAFTS = SglangConfig.make("attnplug-standalone-topk2", "attnplug", env={"SGLANG_PLUGINS": ATTNPLUG_PLUGIN},
                                          args=standalone_args(topk=2))
+
+# FP8 KV: SGLang's GPU FP8 pool on CPU (test-only shim, see the module docstring), stock torch_native vs attnplug
+GPU_FP8_POOL_ENV = {
+    "ATTNPLUG_TEST_SGLANG_GPU_FP8_POOL": "1",
+    "PYTHONPATH": os.pathsep.join((str(harness.INTEGRATION_DIR / "shims" / "sglang_gpu_fp8_pool"),
+                                   str(sglang_server.SGL_KERNEL_SHIM_DIR))),
+}
+FP8_KV_ARGS = ("--kv-cache-dtype", "fp8_e4m3")
+TORCH_NATIVE_FP8 = SglangConfig.make("torch_native-fp8", "torch_native", env={**NO_ATTNPLUG, **GPU_FP8_POOL_ENV},
+                                     args=FP8_KV_ARGS)
+ATTNPLUG_FP8 = SglangConfig.make("attnplug-fp8", "attnplug", env={"SGLANG_PLUGINS": ATTNPLUG_PLUGIN, **GPU_FP8_POOL_ENV},
+                                 args=(*FP8_KV_ARGS, "--enable-mixed-chunk"), report=True)
+ATTNPLUG_FP8_STANDALONE = SglangConfig.make(  # target and draft both over FP8 pools
+    "attnplug-fp8-standalone", "attnplug", env={"SGLANG_PLUGINS": ATTNPLUG_PLUGIN, **GPU_FP8_POOL_ENV},
+    args=(*FP8_KV_ARGS, *standalone_args(topk=1)), report=True)
 
 SAME_TOKENS_AS_STOCK = [TORCH_NATIVE_DISABLED, ATTNPLUG]
 CONCURRENCY_CONFIGS = {ATTNPLUG, ATTNPLUG_STANDALONE}
@@ -220,3 +244,58 @@ def test_tree_drafts_are_refused_at_startup(live_servers: harness.LiveServers) -
     error = live_servers.start_error(ATTNPLUG_TREE_DRAFTS)
     assert error.returncode not in (None, 0), f"expected a non-zero exit, got {error.returncode}"
     assert "set --speculative-eagle-topk 1" in error.log, error.log[-5000:]
+
+
+# --------------------------------------------------------------------------------------------------
+# FP8 KV cache (SGLang's GPU FP8 pool, built on CPU by the test-only shim)
+# --------------------------------------------------------------------------------------------------
+
+FP8_POOL_LOG = "KV Cache is allocated. dtype: torch.float8_e4m3fn"  # SGLang's own line: the pool's dtype
+
+
+@pytest.mark.parametrize("server", [ATTNPLUG_FP8], indirect=True, ids=label)
+def test_attnplug_over_an_fp8_pool_gives_torch_native_tokens(server: harness.ServerRun,
+                                                           live_servers: harness.LiveServers) -> None:
+    """Greedy tokens (prompts, chat) equal stock torch_native's over the same FP8 pool, and attnplug's kernels
+    read that pool for every layer of every batch (no fallback)."""
+    stock = live_servers.run(TORCH_NATIVE_FP8)
+    harness.assert_full_greedy_sequences(stock)
+    for run in (stock, server):
+        assert FP8_POOL_LOG in run.log, f"{run.config.label}: no FP8 KV pool\n{run.log[-3000:]}"
+    assert "attnplug INFO [pid" not in stock.log, "attnplug's plugin must not load in the stock server"
+    assert [g.key for g in server.completions] == [g.key for g in stock.completions], (
+        f"attnplug, FP8 pool:\n{harness.describe(server.completions, PROMPTS)}\n"
+        f"torch_native, FP8 pool:\n{harness.describe(stock.completions, PROMPTS)}"
+    )
+    assert server.chat.key == stock.chat.key, f"attnplug: {server.chat}\ntorch_native: {stock.chat}"
+    assert "reads the torch.float8_e4m3fn KV cache with per-tensor scales" in server.log
+    assert "falls back to SGLang's torch_native" not in server.log
+    for mode in ("EXTEND", "DECODE"):
+        assert f"serves its first {mode} batch" in server.log, f"attnplug served no {mode} batch"
+    schedulers = _scheduler_reports(server)
+    assert len(schedulers) == 1, server.reports
+    calls = schedulers[0]["op_calls"]
+    assert calls.get("plan_attention", 0) >= MAX_TOKENS, calls
+    assert calls["paged_attention"] == calls["plan_attention"] * NUM_LAYERS, calls
+
+
+@pytest.mark.parametrize("server", [ATTNPLUG_FP8_STANDALONE], indirect=True, ids=label)
+def test_speculative_decoding_over_fp8_pools_gives_torch_native_tokens(server: harness.ServerRun,
+                                                                      live_servers: harness.LiveServers) -> None:
+    """STANDALONE with FP8 pools (target and draft): the greedy tokens of stock torch_native without speculative
+    decoding over an FP8 pool; verify batches, draft rounds and draft extends all ran attnplug's kernels."""
+    stock = live_servers.run(TORCH_NATIVE_FP8)
+    assert server.log.count(FP8_POOL_LOG) >= 2, "target and draft pools: FP8"
+    assert [g.key for g in server.completions] == [g.key for g in stock.completions], (
+        f"speculative, FP8 pools:\n{harness.describe(server.completions, PROMPTS)}\n"
+        f"torch_native, FP8 pool:\n{harness.describe(stock.completions, PROMPTS)}"
+    )
+    assert server.chat.key == stock.chat.key, f"speculative: {server.chat}\ntorch_native: {stock.chat}"
+    assert "falls back to SGLang's torch_native" not in server.log
+    schedulers = _scheduler_reports(server)  # (the basic workload is too short for SGLang's "accept len" line)
+    assert len(schedulers) == 1, server.reports
+    spec, calls = schedulers[0]["speculative"], schedulers[0]["op_calls"]
+    assert spec.get("verify_batches", 0) >= MAX_TOKENS // VERIFY_TOKENS, spec
+    assert spec.get("draft_rounds", 0) >= spec["verify_batches"] - 1, spec
+    assert spec.get("draft_extend_batches", 0) >= spec["verify_batches"] - 1, spec
+    assert calls["paged_attention"] == calls["plan_attention"] * NUM_LAYERS, calls

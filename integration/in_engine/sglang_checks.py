@@ -521,14 +521,14 @@ class _PagedPool:
         return out.reshape(q.shape[0], -1)
 
 
-def _layer(layer_id: int, sliding_window_size=None):
+def _layer(layer_id: int, sliding_window_size=None, k_scale=None, v_scale=None):
     from sglang.srt.layers.radix_attention import AttentionType
 
     return SimpleNamespace(layer_id=layer_id, is_cross_attention=False, attn_type=AttentionType.DECODER,
                            sliding_window_size=sliding_window_size, tp_q_head_num=Q_HEADS, tp_k_head_num=KV_HEADS,
                            tp_v_head_num=KV_HEADS, head_dim=HEAD_DIM, qk_head_dim=HEAD_DIM, v_head_dim=HEAD_DIM,
                            scaling=HEAD_DIM**-0.5, logit_cap=0.0, logit_capping_method="tanh", use_irope=False,
-                           xai_temperature_len=-1, k_scale=None, v_scale=None)
+                           xai_temperature_len=-1, k_scale=k_scale, v_scale=v_scale)
 
 
 def _decode_all_layers(backend, batch, queries, layers=None) -> list[torch.Tensor]:
@@ -910,19 +910,43 @@ def test_kv_splits_give_the_same_decode_attention_as_the_stock_plan():
 VERIFY_TOKENS = 4  # --speculative-num-draft-tokens (chain drafts: --speculative-num-steps 3)
 
 
-class _TokenPool:
-    """A real MHATokenToKVPool (one layer, float32, page 1) with random K/V, request rows of random slots."""
+def _kv_scale(value: float) -> torch.nn.Parameter:
+    """A layer's KV scale as SGLang's ``BaseKVCacheMethod`` leaves it: a float32 0-dim parameter."""
+    return torch.nn.Parameter(torch.tensor(value, dtype=torch.float32), requires_grad=False)
 
-    def __init__(self, generator: torch.Generator, rows: int = 6, max_context: int = 40):
+
+# KV pools of the speculative checks: (pool dtype, (k_scale, v_scale) of the layer or None)
+SPECULATIVE_KV = {
+    "float32": (torch.float32, None),
+    "fp8_e4m3": (torch.float8_e4m3fn, None),  # no checkpoint scales: read with the backend's 1.0
+    "fp8_e5m2-scaled": (torch.float8_e5m2, (0.25, 3.0)),
+}
+
+
+class _TokenPool:
+    """A real MHATokenToKVPool (one layer, page 1; float32 or FP8, stored as uint8 as SGLang does) with
+    random K/V, request rows of random slots, and the one layer (``self.layer``, with KV scales or not)."""
+
+    def __init__(self, generator: torch.Generator, rows: int = 6, max_context: int = 40,
+                 kv_dtype: torch.dtype = torch.float32, scales: tuple | None = None):
         from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-        self.pool = MHATokenToKVPool(size=rows * max_context + 8, page_size=1, dtype=torch.float32, head_num=KV_HEADS,
+        self.pool = MHATokenToKVPool(size=rows * max_context + 8, page_size=1, dtype=kv_dtype, head_num=KV_HEADS,
                                      head_dim=HEAD_DIM, layer_num=1, device="cpu", enable_memory_saver=False)
         for buffer in (self.pool.get_key_buffer(0), self.pool.get_value_buffer(0)):
-            buffer.copy_(torch.randn(buffer.shape, generator=generator))
+            buffer.copy_(torch.randn(buffer.shape, generator=generator).to(kv_dtype))
         slots = torch.randperm(rows * max_context, generator=generator) + 1  # slot 0: SGLang's padding slot
         self.req_to_token = slots.view(rows, max_context).int()
         self.req_to_token[0] = 0  # row 0: the padding row graph lanes point at
+        self.layer = _layer(0) if scales is None else _layer(0, k_scale=_kv_scale(scales[0]),
+                                                                v_scale=_kv_scale(scales[1]))
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """float64 K and V as the kernels must read them: the stored values times the layer's scales."""
+        k, v = self.pool.get_key_buffer(0).double(), self.pool.get_value_buffer(0).double()
+        if self.layer.k_scale is not None:
+            k, v = k * self.layer.k_scale.double(), v * self.layer.v_scale.double()
+        return k, v
 
     def model_runner(self):
         from sglang.srt.configs.model_config import AttentionArch
@@ -932,13 +956,13 @@ class _TokenPool:
             device=torch.device("cpu"), req_to_token_pool=SimpleNamespace(req_to_token=self.req_to_token),
             token_to_kv_pool=self.pool, kv_index_translator=None, page_size=1, max_total_num_tokens=self.pool.size,
             model_config=SimpleNamespace(attention_arch=AttentionArch.MHA, get_max_num_attention_heads=lambda: Q_HEADS),
-            spec_algorithm=SpeculativeAlgorithm.STANDALONE,
+            spec_algorithm=SpeculativeAlgorithm.STANDALONE, dtype=torch.float32,
         )
 
     def reference(self, q, seq_lens, req_pool_indices, queries_per_row: int, kv_extra: int) -> torch.Tensor:
         """float64: row r's query j sits at seq_lens[r] + kv_extra - queries_per_row + j, causal.
         q [bs * queries_per_row, H * D] -> same shape."""
-        k, v = self.pool.get_key_buffer(0), self.pool.get_value_buffer(0)
+        k, v = self.dequantized()
         out = []
         for r, (length, row) in enumerate(zip(seq_lens.tolist(), req_pool_indices.tolist())):
             total = length + kv_extra
@@ -950,16 +974,18 @@ class _TokenPool:
         return torch.stack(out)
 
 
-@pytest.fixture
-def speculative_setup(monkeypatch):
-    """SGLang's runtime context as a STANDALONE server publishes it (TP 1, topk 1, 4 verify tokens)."""
+@pytest.fixture(params=sorted(SPECULATIVE_KV))
+def speculative_setup(request, monkeypatch):
+    """SGLang's runtime context as a STANDALONE server publishes it (TP 1, topk 1, 4 verify tokens), over a
+    float32 pool or an FP8 one (``--kv-cache-dtype fp8_e4m3`` / ``fp8_e5m2``, with and without scales)."""
     from sglang.srt import runtime_context
 
     monkeypatch.setattr(runtime_context, "get_parallel", lambda: SimpleNamespace(attn_tp_size=1, attn_dcp_size=1))
     monkeypatch.setattr(runtime_context, "get_spec", lambda: SimpleNamespace(
         speculative_num_draft_tokens=VERIFY_TOKENS, speculative_eagle_topk=1, enable_multi_layer_eagle=False,
         speculative_draft_window_size=None))
-    return _TokenPool(torch.Generator().manual_seed(23))
+    kv_dtype, scales = SPECULATIVE_KV[request.param]
+    return _TokenPool(torch.Generator().manual_seed(23), kv_dtype=kv_dtype, scales=scales)
 
 
 def _batch(mode, seq_lens, req_pool_indices, spec_info):
@@ -983,7 +1009,7 @@ def test_attnplug_verify_eager_and_graph_replay_match_reference(speculative_setu
     want = tokens.reference(q, seq_lens, rows, VERIFY_TOKENS, kv_extra=VERIFY_TOKENS)
     before = dict(report.speculative)
     backend.init_forward_metadata(_batch(ForwardMode.TARGET_VERIFY, seq_lens, rows, spec_info))
-    eager = backend.forward_extend(q, None, None, _layer(0), SimpleNamespace(forward_mode=ForwardMode.TARGET_VERIFY),
+    eager = backend.forward_extend(q, None, None, tokens.layer, SimpleNamespace(forward_mode=ForwardMode.TARGET_VERIFY),
                                    save_kv_cache=False)
     torch.testing.assert_close(eager.double(), want, atol=1e-4, rtol=1e-4)
 
@@ -998,7 +1024,7 @@ def test_attnplug_verify_eager_and_graph_replay_match_reference(speculative_setu
     padded_lens, padded_rows = torch.cat([seq_lens, torch.tensor([fill])]), torch.cat([rows, torch.tensor([0])])
     backend.init_forward_metadata_out_graph(_batch(ForwardMode.TARGET_VERIFY, padded_lens, padded_rows, spec_info))
     padded_q = torch.cat([q, torch.randn(VERIFY_TOKENS, Q_HEADS * HEAD_DIM, generator=generator)])
-    replayed = backend.forward_extend(padded_q, None, None, _layer(0),
+    replayed = backend.forward_extend(padded_q, None, None, tokens.layer,
                                       SimpleNamespace(forward_mode=ForwardMode.TARGET_VERIFY), save_kv_cache=False)
     torch.testing.assert_close(replayed[: 3 * VERIFY_TOKENS].double(), want, atol=1e-4, rtol=1e-4)
     assert report.speculative["verify_batches"] == before.get("verify_batches", 0) + 2  # eager + replay
@@ -1033,7 +1059,342 @@ def test_attnplug_draft_steps_match_reference(speculative_setup, graph):
     real = 3
     for step, child in enumerate(draft.attn_backends):
         q = torch.randn(seq_lens.shape[0], Q_HEADS * HEAD_DIM, generator=generator)
-        out = child.forward_decode(q, None, None, _layer(0), SimpleNamespace(forward_mode=ForwardMode.DECODE),
+        out = child.forward_decode(q, None, None, tokens.layer, SimpleNamespace(forward_mode=ForwardMode.DECODE),
                                    save_kv_cache=False)
         want = tokens.reference(q[:real], seq_lens[:real], rows[:real], 1, kv_extra=step + 1)
         torch.testing.assert_close(out[:real].double(), want, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# The attnplug backend over SGLang 0.5.23's FP8 KV pool (--kv-cache-dtype fp8_e4m3 / fp8_e5m2): SGLang's
+# own writes (set_kv_buffer divides by the layer's scales), attnplug's reads (cache * scale), refusals
+# --------------------------------------------------------------------------------------------------
+
+_NAN_BYTE = 0x7F  # NaN in float8_e4m3fn and in float8_e5m2: what an unwritten slot reads as here
+
+
+class _Fp8Serving:
+    """A real FP8 ``MHATokenToKVPool`` (uint8 storage, every byte NaN until SGLang writes it), real
+    ``RadixAttention`` layers whose scales went through SGLang's ``BaseKVCacheMethod``, page-aligned
+    request rows, and the float64 truth of every K/V token written (before quantization)."""
+
+    def __init__(self, kv_dtype, scales, page_size: int, rows: int = 4, max_context: int = 32):
+        from sglang.srt.layers.quantization.kv_cache import BaseKVCacheMethod
+        from sglang.srt.layers.radix_attention import RadixAttention
+        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+        generator = self.generator = torch.Generator().manual_seed(page_size * 100 + (scales is not None))
+        num_pages = rows * max_context // page_size + 2
+        self.pool = MHATokenToKVPool(size=(num_pages - 1) * page_size, page_size=page_size, dtype=kv_dtype,
+                                     head_num=KV_HEADS, head_dim=HEAD_DIM, layer_num=LAYERS, device="cpu",
+                                     enable_memory_saver=False)
+        for buffers in (self.pool.k_buffer, self.pool.v_buffer):
+            for buffer in buffers:
+                buffer.fill_(_NAN_BYTE)
+        pages = torch.randperm(num_pages - 1, generator=generator)[: rows * max_context // page_size] + 1
+        self.req_to_token = (pages.view(rows, -1)[:, :, None] * page_size
+                             + torch.arange(page_size)).reshape(rows, max_context).int()
+        self.page_size = page_size
+        self.layers = [RadixAttention(Q_HEADS, HEAD_DIM, HEAD_DIM**-0.5, KV_HEADS, layer_id=i) for i in range(LAYERS)]
+        if scales is not None:  # a checkpoint with per-tensor k_scale / v_scale (layer 1: other values)
+            method = BaseKVCacheMethod(None)
+            for i, layer in enumerate(self.layers):
+                method.create_weights(layer)
+                layer.k_scale.data.fill_(scales[0] * (1 + 2 * i))
+                layer.v_scale.data.fill_(scales[1] * (1 + i / 2))
+                method.process_weights_after_loading(layer)
+        self.truth = {}  # (layer id, slot) -> (k, v) float64 [KV_HEADS, HEAD_DIM]
+
+    def model_runner(self):
+        from sglang.srt.configs.model_config import AttentionArch
+        from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+        return SimpleNamespace(
+            device=torch.device("cpu"), req_to_token_pool=SimpleNamespace(req_to_token=self.req_to_token),
+            token_to_kv_pool=self.pool, kv_index_translator=None, page_size=self.page_size,
+            max_total_num_tokens=self.pool.size, dtype=torch.float32, model=torch.nn.ModuleList(self.layers),
+            model_config=SimpleNamespace(attention_arch=AttentionArch.MHA, get_max_num_attention_heads=lambda: Q_HEADS,
+                                         is_encoder_decoder=False),
+            spec_algorithm=SpeculativeAlgorithm.NONE, server_args=SimpleNamespace(dllm_algorithm=None,
+                                                                                   enable_pdmux=False),
+        )
+
+    def batch(self, mode, rows, prefix_lens, new_lens):
+        """A batch whose request ``rows`` had ``prefix_lens`` tokens and get ``new_lens`` more (their slots:
+        the next positions of their req_to_token rows)."""
+        from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+        rows, prefix_lens, new_lens = torch.tensor(rows), torch.tensor(prefix_lens), torch.tensor(new_lens)
+        seq_lens = prefix_lens + new_lens
+        out_cache_loc = torch.cat([self.req_to_token[r, p:n].long()
+                                   for r, p, n in zip(rows.tolist(), prefix_lens.tolist(), seq_lens.tolist())])
+        extend = mode != ForwardMode.DECODE
+        return SimpleNamespace(
+            forward_mode=mode, batch_size=rows.shape[0], req_pool_indices=rows, seq_lens=seq_lens,
+            seq_lens_cpu=seq_lens.clone(), seq_lens_sum=int(seq_lens.sum()), out_cache_loc=out_cache_loc,
+            out_cache_loc_is_physical=False, spec_info=None, encoder_lens=None,
+            extend_seq_lens=new_lens if extend else None, extend_seq_lens_cpu=new_lens.tolist() if extend else None,
+            extend_prefix_lens=prefix_lens if extend else None,
+        )
+
+    def new_tokens(self, batch):
+        """Random q, k, v of the batch's new tokens; k / v recorded as the truth of their slots."""
+        n = batch.out_cache_loc.shape[0]
+        q = torch.randn(n, Q_HEADS * HEAD_DIM, generator=self.generator)
+        kv = [(torch.randn(n, KV_HEADS, HEAD_DIM, generator=self.generator),
+               torch.randn(n, KV_HEADS, HEAD_DIM, generator=self.generator) * 2) for _ in self.layers]
+        for layer, (k, v) in zip(self.layers, kv):
+            for slot, k_row, v_row in zip(batch.out_cache_loc.tolist(), k.double(), v.double()):
+                self.truth[layer.layer_id, slot] = (k_row, v_row)
+        return q, kv
+
+    def scales(self, layer) -> tuple[float, float]:
+        return (1.0, 1.0) if layer.k_scale is None else (layer.k_scale_float, layer.v_scale_float)
+
+    def reference(self, q, layer, batch, *, dequantized: bool) -> torch.Tensor:
+        """float64 causal attention of the batch's new tokens: over the pool's bytes times the layer's scales
+        (``dequantized``), or over the float64 truth of every token."""
+        k_scale, v_scale = self.scales(layer)
+        k_cache = self.pool.get_key_buffer(layer.layer_id).double() * k_scale
+        v_cache = self.pool.get_value_buffer(layer.layer_id).double() * v_scale
+        out, start = [], 0
+        news = [1] * batch.batch_size if batch.extend_seq_lens is None else batch.extend_seq_lens.tolist()
+        for row, length, new in zip(batch.req_pool_indices.tolist(), batch.seq_lens.tolist(), news):
+            slots = self.req_to_token[row, :length].long()
+            if dequantized:
+                keys, values = k_cache[slots], v_cache[slots]
+            else:
+                keys = torch.stack([self.truth[layer.layer_id, s][0] for s in slots.tolist()])
+                values = torch.stack([self.truth[layer.layer_id, s][1] for s in slots.tolist()])
+            for j in range(new):
+                visible = length - new + j + 1
+                qj = q[start + j].view(1, Q_HEADS, HEAD_DIM)
+                fake_slots = [torch.arange(visible)]
+                out.append(_reference_decode(qj, keys, values, fake_slots, HEAD_DIM**-0.5).reshape(-1))
+            start += new
+        return torch.stack(out)
+
+    def assert_stored_scaled(self, batch, kv) -> None:
+        """The pool holds exactly ``(k / k_scale).to(fp8)``: SGLang's write, with the layer's scales."""
+        for layer, (k, v) in zip(self.layers, kv):
+            k_scale, v_scale = self.scales(layer)
+            slots = batch.out_cache_loc
+            stored_k = self.pool.k_buffer[layer.layer_id][slots]
+            stored_v = self.pool.v_buffer[layer.layer_id][slots]
+            assert stored_k.dtype == torch.uint8
+            assert torch.equal(stored_k, (k / k_scale).to(self.pool.dtype).view(torch.uint8)), layer.layer_id
+            assert torch.equal(stored_v, (v / v_scale).to(self.pool.dtype).view(torch.uint8)), layer.layer_id
+
+
+def _fp8_runtime(monkeypatch):
+    from sglang.srt import runtime_context
+
+    monkeypatch.setattr(runtime_context, "get_parallel", lambda: SimpleNamespace(attn_tp_size=1, attn_dcp_size=1))
+
+
+FP8_SERVING = {  # id -> (pool dtype, (k_scale, v_scale) of layer 0 or None: no checkpoint scales, page size)
+    "e4m3-unscaled-page1": (torch.float8_e4m3fn, None, 1),
+    "e4m3-scaled-page4": (torch.float8_e4m3fn, (0.5, 2.0), 4),
+    "e5m2-scaled-page1": (torch.float8_e5m2, (0.25, 4.0), 1),
+}
+
+
+@new_release
+@pytest.mark.parametrize("case", sorted(FP8_SERVING))
+def test_attnplug_fp8_pool_extend_decode_and_prefix_extend_match_reference(monkeypatch, case):
+    """Prefill two requests, decode one token each, then extend one over its cached prefix: every batch's
+    K/V written by SGLang's own set_kv_buffer (scaled), every output equal to float64 attention over the
+    dequantized pool, and close to attention over the unquantized K/V; nothing handed to torch_native."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from attnplug.adapters.sglang.backend import AttnplugAttnBackend
+
+    _fp8_runtime(monkeypatch)
+    kv_dtype, scales, page_size = FP8_SERVING[case]
+    serving = _Fp8Serving(kv_dtype, scales, page_size)
+    backend = AttnplugAttnBackend(serving.model_runner())
+    assert backend.fp8_kv and backend.kv_dtype == kv_dtype
+    for layer in serving.layers:  # the kernels read the layers' own scale tensors (or the one 1.0 made at init)
+        k_read, v_read = backend._layer_kv_scales(layer)
+        if scales is None:
+            assert k_read is backend._unit_scale and v_read is backend._unit_scale and k_read.item() == 1.0
+        else:
+            assert k_read is layer.k_scale and v_read is layer.v_scale and layer.k_scale_float != 1.0
+    unit_scale = backend._unit_scale
+    rounds = [
+        (ForwardMode.EXTEND, [1, 3], [0, 0], [7, 12]),
+        (ForwardMode.DECODE, [1, 3], [7, 12], [1, 1]),
+        (ForwardMode.EXTEND, [3], [13], [5]),  # a radix-cache hit: 13 cached tokens, 5 new
+    ]
+    for mode, rows, prefix_lens, new_lens in rounds:
+        batch = serving.batch(mode, rows, prefix_lens, new_lens)
+        q, kv = serving.new_tokens(batch)
+        paged_calls = report.op_calls["paged_attention"]
+        backend.init_forward_metadata(batch)
+        assert backend.forward_metadata.fallback is None
+        forward = backend.forward_decode if mode == ForwardMode.DECODE else backend.forward_extend
+        outs = [forward(q.clone(), k.clone(), v.clone(), layer, batch) for layer, (k, v) in zip(serving.layers, kv)]
+        assert report.op_calls["paged_attention"] == paged_calls + LAYERS, "attnplug's kernel served every layer"
+        serving.assert_stored_scaled(batch, kv)
+        for layer, out in zip(serving.layers, outs):
+            where = f"{mode.name} layer {layer.layer_id}"
+            assert not out.isnan().any(), f"{where}: a NaN slot (unwritten) was read"
+            torch.testing.assert_close(out.double(), serving.reference(q, layer, batch, dequantized=True),
+                                       atol=1e-4, rtol=1e-4, msg=where)
+            # FP8's rounding only (measured: e4m3 3-5 %, e5m2 6-8 %); V read with a wrong scale is off by >= 50 %
+            truth = serving.reference(q, layer, batch, dequantized=False)
+            error = float((out.double() - truth).norm() / truth.norm())
+            assert error < (0.15 if kv_dtype == torch.float8_e5m2 else 0.08), (where, error)
+    assert backend._unit_scale is unit_scale, "the 1.0 scale is made once, at construction"
+
+
+@new_release
+def test_attnplug_fp8_graph_replay_reads_the_current_scales(monkeypatch):
+    """CUDA-graph contract over an FP8 pool: capture at bs 4, replay 3 requests + a padding lane; after an
+    in-place change of the layers' scale tensors (what a weight reload does) the same captured metadata
+    reads the new values: the kernels take the layer's tensors, not copies or floats."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from attnplug.adapters.sglang.backend import AttnplugAttnBackend
+
+    _fp8_runtime(monkeypatch)
+    serving = _Fp8Serving(torch.float8_e4m3fn, (0.5, 2.0), page_size=1)
+    backend = AttnplugAttnBackend(serving.model_runner())
+    prefill = serving.batch(ForwardMode.EXTEND, [0, 1, 2], [0, 0, 0], [9, 4, 17])
+    q, kv = serving.new_tokens(prefill)
+    backend.init_forward_metadata(prefill)
+    for layer, (k, v) in zip(serving.layers, kv):
+        backend.forward_extend(q.clone(), k.clone(), v.clone(), layer, prefill)
+
+    backend.init_cuda_graph_state(max_bs=4, max_num_tokens=4)
+    fill = backend.get_cuda_graph_seq_len_fill_value()
+    capture = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=4, seq_lens=torch.full((4,), fill),
+                              seq_lens_cpu=torch.full((4,), fill), req_pool_indices=torch.tensor([3, 3, 3, 3]),
+                              spec_info=None, encoder_lens=None)
+    backend.init_forward_metadata_out_graph(capture, in_capture=True)
+    decode = serving.batch(ForwardMode.DECODE, [0, 1, 2], [9, 4, 17], [1, 1, 1])
+    q, kv = serving.new_tokens(decode)
+    replay = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=4,
+                             seq_lens=torch.cat([decode.seq_lens, torch.tensor([fill])]),
+                             seq_lens_cpu=torch.cat([decode.seq_lens, torch.tensor([fill])]),
+                             req_pool_indices=torch.cat([decode.req_pool_indices, torch.tensor([3])]),
+                             spec_info=None, encoder_lens=None)
+    backend.init_forward_metadata_out_graph(replay)
+    captured = backend.forward_metadata
+    padded_q = torch.cat([q, torch.randn(1, Q_HEADS * HEAD_DIM, generator=serving.generator)])
+    padded_loc = torch.cat([decode.out_cache_loc, torch.tensor([0])])  # the padding lane writes slot 0
+    written = SimpleNamespace(out_cache_loc=padded_loc, out_cache_loc_is_physical=False)
+    for layer, (k, v) in zip(serving.layers, kv):
+        pad = torch.zeros(1, KV_HEADS, HEAD_DIM)
+        out = backend.forward_decode(padded_q.clone(), torch.cat([k, pad]), torch.cat([v, pad]), layer, written)
+        torch.testing.assert_close(out[:3].double(), serving.reference(q, layer, decode, dequantized=True),
+                                   atol=1e-4, rtol=1e-4)
+    for layer in serving.layers:  # a new checkpoint's scales, copied in place as SGLang's loader does
+        layer.k_scale.data.mul_(4.0)
+        layer.v_scale.data.mul_(0.5)
+        layer.k_scale_float, layer.v_scale_float = float(layer.k_scale), float(layer.v_scale)
+    backend.init_forward_metadata_out_graph(replay)
+    assert backend.forward_metadata is captured
+    for layer in serving.layers:
+        out = backend.forward_decode(padded_q.clone(), None, None, layer, written, save_kv_cache=False)
+        torch.testing.assert_close(out[:3].double(), serving.reference(q, layer, decode, dequantized=True),
+                                   atol=1e-4, rtol=1e-4)
+
+
+@new_release
+def test_attnplug_serves_an_unquantized_pool_with_layer_scales_unscaled(monkeypatch):
+    """Scales in the checkpoint but --kv-cache-dtype auto (a float32 pool): SGLang writes K/V unscaled (its
+    set_kv_buffer divides only when it casts), so attnplug reads the pool as it is, with no fallback."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from attnplug.adapters.sglang.backend import AttnplugAttnBackend
+
+    _fp8_runtime(monkeypatch)
+    serving = _Fp8Serving(torch.float8_e4m3fn, (0.5, 2.0), page_size=1)
+    serving.pool = MHATokenToKVPool(size=serving.pool.size, page_size=1, dtype=torch.float32, head_num=KV_HEADS,
+                                    head_dim=HEAD_DIM, layer_num=LAYERS, device="cpu", enable_memory_saver=False)
+    backend = AttnplugAttnBackend(serving.model_runner())
+    assert not backend.fp8_kv
+    batch = serving.batch(ForwardMode.EXTEND, [0, 2], [0, 0], [6, 11])
+    q, kv = serving.new_tokens(batch)
+    backend.init_forward_metadata(batch)
+    calls = report.op_calls["paged_attention"]
+    for layer, (k, v) in zip(serving.layers, kv):
+        out = backend.forward_extend(q.clone(), k.clone(), v.clone(), layer, batch)
+        assert torch.equal(serving.pool.get_key_buffer(layer.layer_id)[batch.out_cache_loc], k)  # unscaled
+        torch.testing.assert_close(out.double(), serving.reference(q, layer, batch, dequantized=False),
+                                   atol=1e-4, rtol=1e-4)
+    assert report.op_calls["paged_attention"] == calls + LAYERS
+
+
+def _refused(runner) -> str:
+    from attnplug.adapters.sglang.backend import AttnplugAttnBackend
+
+    with pytest.raises(ValueError) as refusal:
+        AttnplugAttnBackend(runner)
+    return str(refusal.value)
+
+
+@new_release
+def test_attnplug_refuses_kv_caches_it_does_not_read_at_startup(monkeypatch):
+    """Each refusal names the flag to change; FP8 itself, with speculative decoding too, is served."""
+    from sglang.srt import runtime_context
+    from sglang.srt.layers.quantization.fp4_kv_cache_quant_method import get_kv_cache_quant_method
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    from attnplug.adapters.sglang.backend import unsupported_setup
+
+    _fp8_runtime(monkeypatch)
+    monkeypatch.setattr(runtime_context, "get_spec", lambda: SimpleNamespace(
+        speculative_num_draft_tokens=VERIFY_TOKENS, speculative_eagle_topk=1, enable_multi_layer_eagle=False,
+        speculative_draft_window_size=None))
+    serving = _Fp8Serving(torch.float8_e4m3fn, (0.5, 2.0), page_size=1)
+
+    def pool(dtype, **kwargs):
+        return MHATokenToKVPool(size=64, page_size=1, dtype=dtype, head_num=KV_HEADS, head_dim=HEAD_DIM,
+                                layer_num=LAYERS, device="cpu", enable_memory_saver=False, **kwargs)
+
+    # SGLang-CPU's own fp8_e4m3 recipe (what the CPU engine builds for --kv-cache-dtype fp8_e4m3)
+    cpu_recipe = SimpleNamespace(**{**vars(serving.model_runner()), "token_to_kv_pool": pool(
+        torch.float8_e4m3fn, quant_method=get_kv_cache_quant_method("cpu_fp8_e4m3"))})
+    message = _refused(cpu_recipe)
+    assert "quantized KV cache recipe 'cpu_fp8_e4m3'" in message and "--kv-cache-dtype" in message, message
+    # a bf16 pool under a float16 model (--kv-cache-dtype bf16): the kernels read the queries' dtype
+    mismatched = SimpleNamespace(**{**vars(serving.model_runner()), "token_to_kv_pool": pool(torch.bfloat16),
+                                    "dtype": torch.float16})
+    assert "--kv-cache-dtype auto" in _refused(mismatched)
+    # non-unit scales beside batches that go to torch_native (which ignores the scales): refused; unit: served
+    encoder_decoder = serving.model_runner()
+    encoder_decoder.model_config.is_encoder_decoder = True
+    message = _refused(encoder_decoder)
+    assert "checkpoint scales != 1" in message and "--kv-cache-dtype auto" in message, message
+    unit = _Fp8Serving(torch.float8_e4m3fn, None, page_size=1).model_runner()
+    unit.model_config.is_encoder_decoder = True
+    assert unsupported_setup(unit) is None
+    # speculative decoding (chain drafts) over an FP8 pool: served (verify and draft run attnplug's FP8 path)
+    speculative = serving.model_runner()
+    speculative.spec_algorithm = SpeculativeAlgorithm.STANDALONE
+    assert unsupported_setup(speculative) is None
+
+
+@new_release
+def test_0_5_23_fp8_kv_facts():
+    """What the FP8 path relies on, and why no live CPU server serves an FP8 pool (checked in the source)."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    pool = MHATokenToKVPool(size=8, page_size=1, dtype=torch.float8_e5m2, head_num=KV_HEADS, head_dim=HEAD_DIM,
+                            layer_num=1, device="cpu", enable_memory_saver=False)
+    assert pool.store_dtype == torch.uint8 and pool.k_buffer[0].dtype == torch.uint8
+    assert pool.get_key_buffer(0).dtype == torch.float8_e5m2  # handed out as an FP8 view of the uint8 store
+    assert pool.get_key_buffer(0).data_ptr() == pool.k_buffer[0].data_ptr()
+    memory_pool = _source("sglang.srt.mem_cache.memory_pool")
+    assert "cache_k.div_(k_scale)" in memory_pool and "cache_v.div_(v_scale)" in memory_pool  # writes divide
+    triton = _source(_TRITON)
+    assert "k_descale = layer.k_scale_float" in triton  # SGLang's Triton backend reads cache * scale
+    assert "layer.k_scale.expand(descale_shape)" in _source(_FA)  # FA3 too (its k_descale)
+    configurator = _source("sglang.srt.mem_cache.kv_cache_configurator")
+    assert 'raise ValueError("CPU FP8 KV cache requires Intel AMX support.")' in configurator
+    assert '"CPU FP8 KV cache requires the intel_amx attention backend."' in configurator
+    assert '"--kv-cache-dtype fp8_e5m2 is not supported on CPU."' in _source("sglang.srt.mem_cache.kv_cache_dtype")

@@ -10,9 +10,18 @@ owns); per layer, ``forward_decode`` / ``forward_extend`` write the new K/V thro
 Extend and mixed batches need nothing special: each sequence's ``extend_seq_len`` new tokens are
 the last queries of its ``prefix + extend`` KV tokens, which is ``paged_attention``'s semantics.
 Layers and batches the kernels do not cover (cross attention, encoder-only or bidirectional
-layers, quantized KV cache, encoder-decoder batches, ...) run SGLang's ``torch_native`` backend,
-with one log line per reason; set-ups with no fallback (MLA, hybrid SWA or unified KV pools, DCP,
-speculative set-ups other than chain drafts) are refused at construction.
+layers, encoder-decoder batches, ...) run SGLang's ``torch_native`` backend, with one log line per
+reason; set-ups with no fallback (MLA, hybrid SWA or unified KV pools, quantized KV recipes such as
+FP4 / MXFP8, DCP, speculative set-ups other than chain drafts) are refused at construction.
+
+FP8 KV cache (``--kv-cache-dtype fp8_e4m3`` / ``fp8_e5m2``, SGLang 0.5.23 on a GPU): a plain
+``MHATokenToKVPool`` whose buffers are stored as uint8 and handed out by ``get_key_buffer`` viewed as
+the FP8 dtype. SGLang's ``set_kv_buffer(layer, loc, k, v, layer.k_scale, layer.v_scale)`` divides by
+the layer's per-tensor scales before the cast (as its triton and flashattention backends call it), so
+the kernels read ``cache * scale`` with the same tensors (``RadixAttention.k_scale`` / ``v_scale``:
+float32 0-dim parameters on the device, read by the kernels at every call, so CUDA graphs replay with
+the current values). A layer without scales (a checkpoint without them: ``k_scale is None``) is written
+unscaled and read with this backend's persistent 1.0 tensor, made once at construction.
 
 Speculative decoding (EAGLE / EAGLE3 / NEXTN / STANDALONE, ``--speculative-eagle-topk 1``):
 - ``TARGET_VERIFY``: ``seq_lens`` is the committed prefix; each request's ``N`` draft tokens (already
@@ -50,11 +59,14 @@ from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMo
 
 from attnplug import ops, report
 from attnplug._log import log_once, logger
+from attnplug.core.attention import FP8_KV_DTYPES
 
 GRAPH_SEQ_LEN_FILL_VALUE = 1  # padded graph lanes: one token of the req_to_token padding row
 SERVED_MODES = (ForwardMode.DECODE, ForwardMode.EXTEND, ForwardMode.MIXED, ForwardMode.TARGET_VERIFY,
                 ForwardMode.DRAFT_EXTEND_V2)
 SPECULATIVE_MODES = (ForwardMode.TARGET_VERIFY, ForwardMode.DRAFT_EXTEND_V2)  # no torch_native fallback
+UNQUANTIZED_KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # read as the queries' dtype
+KV_CACHE_DTYPE_FLAG = "--kv-cache-dtype auto, bf16, fp8_e4m3 or fp8_e5m2"
 
 
 @dataclass
@@ -84,7 +96,10 @@ def unsupported_setup(model_runner) -> str | None:
     if model_runner.model_config.attention_arch == AttentionArch.MLA:
         return "MLA models"
     if type(pool) is not MHATokenToKVPool:
-        return f"KV pool {type(pool).__name__} (only an unquantized MHATokenToKVPool)"
+        return f"KV pool {type(pool).__name__} (only an MHATokenToKVPool, unquantized or FP8)"
+    kv_reason = unsupported_kv_cache(model_runner)
+    if kv_reason is not None:
+        return kv_reason
     translator = getattr(model_runner, "kv_index_translator", None)
     if translator is not None and translator.reads_are_translated:
         return "a unified (virtually addressed) KV pool"
@@ -123,10 +138,72 @@ def unsupported_speculative_setup(model_runner) -> str | None:
         return "--enable-multi-layer-eagle"
     if getattr(config, "speculative_draft_window_size", None):
         return "--speculative-draft-window-size"
-    kv_dtype = getattr(model_runner.token_to_kv_pool, "dtype", None)
-    if kv_dtype not in (torch.float16, torch.bfloat16, torch.float32):  # torch_native is no fallback for verify
-        return f"speculative decoding with a {kv_dtype} KV cache; use --kv-cache-dtype auto"
     return None
+
+
+def unsupported_kv_cache(model_runner) -> str | None:
+    """Why the KV pool's storage cannot be read (None: an unquantized pool of the model's dtype, or FP8)."""
+    pool = model_runner.token_to_kv_pool
+    if getattr(pool, "is_quantized_kv_cache", False):  # FP4 recipes; SGLang-CPU's own fp8_e4m3 recipe
+        recipe = getattr(getattr(pool, "quant_method", None), "name", type(getattr(pool, "quant_method", None)).__name__)
+        return f"the quantized KV cache recipe {recipe!r}; use {KV_CACHE_DTYPE_FLAG}"
+    kv_dtype = pool.dtype
+    model_dtype = getattr(model_runner, "dtype", None)
+    if kv_dtype in FP8_KV_DTYPES:  # read for float16 / bfloat16 / float32 queries
+        return fp8_scales_without_fallback(model_runner)
+    if kv_dtype not in UNQUANTIZED_KV_DTYPES:
+        return f"KV cache dtype {kv_dtype}; use {KV_CACHE_DTYPE_FLAG}"
+    if model_dtype is not None and kv_dtype != model_dtype:
+        return f"a {kv_dtype} KV cache for a {model_dtype} model; use --kv-cache-dtype auto (or fp8_e4m3)"
+    return None
+
+
+def fp8_scales_without_fallback(model_runner) -> str | None:
+    """FP8 with checkpoint scales != 1 in a set-up whose batches go to torch_native: refused (None: fine).
+
+    SGLang's torch_native backend ignores the scales (it writes ``k.to(fp8)`` and reads ``cache.to(q)``),
+    so batches handed to it would write unscaled KV next to this backend's scaled KV in the same
+    layers. Such batches come from encoder-decoder models (``encoder_lens``), dLLM (``DLLM_EXTEND``) and
+    PD multiplexing (``SPLIT_PREFILL``) only; with unit scales both write the same bytes.
+    """
+    server_args = getattr(model_runner, "server_args", None)
+    modes = [name for name, on in (
+        ("an encoder-decoder model", getattr(model_runner.model_config, "is_encoder_decoder", False)),
+        ("--dllm-algorithm", getattr(server_args, "dllm_algorithm", None)),
+        ("--enable-pdmux", getattr(server_args, "enable_pdmux", False)),
+    ) if on]
+    if not modes:
+        return None
+    scaled = [layer.layer_id for layer in _radix_layers(model_runner) if not _unit_scales(layer)]
+    if not scaled:
+        return None
+    return (f"an FP8 KV cache with checkpoint scales != 1 (layers {scaled[:4]}...) together with {modes[0]} "
+            f"(its batches run torch_native, which ignores KV scales); use --kv-cache-dtype auto")
+
+
+def _radix_layers(model_runner) -> list:
+    """The model's attention layers (``RadixAttention``), [] before the model is loaded."""
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    model = getattr(model_runner, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        return []
+    return [module for module in model.modules() if isinstance(module, RadixAttention)]
+
+
+def _per_tensor_scales(layer) -> bool:
+    return all(not isinstance(scale, torch.Tensor) or scale.numel() == 1 for scale in (layer.k_scale, layer.v_scale))
+
+
+def _unit_scales(layer) -> bool:
+    """Whether the layer's KV scales are absent or 1.0 (read once, at start-up: a tensor's value syncs)."""
+    for scale in (layer.k_scale, layer.v_scale):
+        if isinstance(scale, torch.Tensor):
+            if scale.numel() != 1 or float(scale.item()) != 1.0:
+                return False
+        elif scale is not None and float(scale) != 1.0:
+            return False
+    return True
 
 
 def speculative_query_len(model_runner) -> int:
@@ -200,8 +277,20 @@ class AttnplugAttnBackend(AttentionBackend):
         self._paged_attention = ops.resolve("paged_attention")
         self._modes_served: set[ForwardMode] = set()  # for one log line per mode
         self._layer_fallback: dict[int, str | None] = {}
-        self._paged_views: dict[int, tuple] = {}  # layer_id -> (k buffer, k pages, v pages)
+        self._paged_views: dict[int, tuple] = {}  # layer_id -> (k buffer address, k pages, v pages)
         self._sinks_f32: dict[int, tuple] = {}  # layer_id -> (sinks, float32 copy)
+        # FP8 KV: the kernels' per-tensor scales, one persistent 1.0 for layers without checkpoint scales
+        self.kv_dtype = self.token_to_kv_pool.dtype
+        self.fp8_kv = self.kv_dtype in FP8_KV_DTYPES
+        self._unit_scale = torch.ones(1, dtype=torch.float32, device=self.device) if self.fp8_kv else None
+        self._kv_scales: dict[int, tuple] = {}  # layer_id -> (layer.k_scale, layer.v_scale, k read, v read)
+        if self.fp8_kv:
+            layers = _radix_layers(model_runner)
+            for layer in layers:  # resolved now, so no scale tensor is made on the hot path (or in a capture)
+                self._layer_kv_scales(layer)
+            scaled = sum(not _unit_scales(layer) for layer in layers)
+            log_once(f"attnplug SGLang backend reads the {self.kv_dtype} KV cache with per-tensor scales "
+                     f"({scaled} of {len(layers)} layers with checkpoint scales != 1, the others 1.0)")
         self.forward_metadata = AttnplugForwardMetadata()
 
     # ------------------------------------------------------------------ per batch (eager)
@@ -419,8 +508,16 @@ class AttnplugAttnBackend(AttentionBackend):
 
         q = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         out = torch.empty_like(q)
+        k_scale = v_scale = None
+        if self.fp8_kv:
+            k_scale, v_scale = self._layer_kv_scales(layer)
         if save_kv_cache and k is not None and v is not None:
-            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc.for_batch(forward_batch), k, v)
+            if self.fp8_kv and (layer.k_scale is not None or layer.v_scale is not None):
+                # SGLang divides k / v by the layer's scales (in place, as its FA3 backend lets it) before the cast
+                self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc.for_batch(forward_batch), k, v,
+                                                    layer.k_scale, layer.v_scale)
+            else:
+                self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc.for_batch(forward_batch), k, v)
         k_pages, v_pages = self._pages(layer.layer_id)
         window = layer.sliding_window_size
         self._paged_attention(
@@ -430,6 +527,8 @@ class AttnplugAttnBackend(AttentionBackend):
             window_size=(window, -1) if window is not None and window > -1 else (-1, -1),
             softcap=layer.logit_cap if layer.logit_cap and layer.logit_cap > 0 else 0.0,
             sinks=self._sinks(layer.layer_id, sinks),
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
         return out.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
@@ -457,22 +556,52 @@ class AttnplugAttnBackend(AttentionBackend):
             return f"logit capping method {layer.logit_capping_method!r}"
         if getattr(layer, "xai_temperature_len", -1) > 0:
             return "xAI temperature scaling"
-        if layer.k_scale is not None or layer.v_scale is not None:
-            return "scaled (quantized) KV cache"
+        # (layer.k_scale / v_scale: read with an FP8 pool; with an unquantized pool of the model's dtype
+        # SGLang writes K/V unscaled, so they are not read, as in its torch_native backend)
         k_buffer = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         if k_buffer.dtype != self.token_to_kv_pool.get_value_buffer(layer.layer_id).dtype or (
-            k_buffer.dtype not in (torch.float16, torch.bfloat16, torch.float32)
+            k_buffer.dtype not in UNQUANTIZED_KV_DTYPES + FP8_KV_DTYPES
         ):
             return f"KV cache dtype {k_buffer.dtype}"
+        if self.fp8_kv and not _per_tensor_scales(layer):
+            return "KV scales that are not per-tensor"
         return None
 
+    def _layer_kv_scales(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The FP8 read scales of ``layer``: its ``k_scale`` / ``v_scale`` themselves when they are float32
+        one-element tensors on the device (so in-place updates reach the kernels), else float32 copies
+        made once (python floats from ``load_kv_cache_scales``, other dtypes); 1.0 where None."""
+        k_scale, v_scale = layer.k_scale, layer.v_scale
+        cached = self._kv_scales.get(layer.layer_id)
+        if cached is None or cached[0] is not k_scale or cached[1] is not v_scale:
+            cached = (k_scale, v_scale, self._read_scale(k_scale), self._read_scale(v_scale))
+            self._kv_scales[layer.layer_id] = cached
+        return cached[2], cached[3]
+
+    def _read_scale(self, scale) -> torch.Tensor:
+        if scale is None:
+            return self._unit_scale
+        if isinstance(scale, torch.Tensor):
+            if scale.numel() != 1:
+                raise ValueError(f"--attention-backend attnplug reads per-tensor FP8 KV scales only, got one of "
+                                 f"shape {tuple(scale.shape)}; use --kv-cache-dtype auto")
+            if scale.dtype == torch.float32 and scale.device == self._unit_scale.device:
+                return scale
+            return scale.detach().reshape(1).to(device=self.device, dtype=torch.float32)
+        return torch.full((1,), float(scale), dtype=torch.float32, device=self.device)
+
     def _pages(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's ``[num_tokens, H, D]`` K and V buffers as ``[num_pages, page_size, H, D]`` views."""
+        """The layer's ``[num_tokens, H, D]`` K and V buffers as ``[num_pages, page_size, H, D]`` views.
+
+        Cached per layer by the buffer's address: an FP8 pool hands out a fresh ``uint8 -> fp8`` view of
+        the same memory at every ``get_key_buffer`` (which must still be called: layer-wise loading hooks it).
+        """
         k_buffer = self.token_to_kv_pool.get_key_buffer(layer_id)
         cached = self._paged_views.get(layer_id)
-        if cached is None or cached[0] is not k_buffer:
+        if cached is None or cached[0] != (k_buffer.data_ptr(), k_buffer.dtype):
             v_buffer = self.token_to_kv_pool.get_value_buffer(layer_id)
-            cached = (k_buffer, k_buffer.unflatten(0, (-1, self.page_size)), v_buffer.unflatten(0, (-1, self.page_size)))
+            cached = ((k_buffer.data_ptr(), k_buffer.dtype), k_buffer.unflatten(0, (-1, self.page_size)),
+                      v_buffer.unflatten(0, (-1, self.page_size)))
             self._paged_views[layer_id] = cached
         return cached[1], cached[2]
 
