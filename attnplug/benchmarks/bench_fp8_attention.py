@@ -119,19 +119,22 @@ def run_point(pools, vllm, ceiling, rows, query_lens, seq_lens, num_decodes, dec
                   for r in rows[first + 1:]))
 
 
-SWEEP = dict(rules=["t64m2s3", "t64m2s4", "t64m2w8", "t128m1s2", "t128m1s3"], batches=[4, 32, 128],
-             contexts=[4096, 32768])
+SWEEP = dict(rules=["t64m2s3", "t64m2s4", "t64m2s5", "t64m2s6", "t64m2w8", "t128m1s2", "t128m1s3"],
+             batches=[4, 32, 128], contexts=[4096, 32768])
 
 
 def section_sweep(pools, rows):
     """Decode tile rules (``bench_paged_attention.SWEEP_TILES``, default split policy) over the FP8 cache
-    and the bf16 pool: whether FP8 tiles (half the bytes each) want another rule (graph time)."""
+    and the bf16 pool: whether FP8 tiles (half the bytes each) want another rule (graph time). A rule's
+    stage count applies to both caches."""
     from attnplug.core.attention import plan as plan_module
 
-    saved = [getattr(plan_module, name) for name in pa.TILE_RULE]
+    rule_attrs = (*pa.TILE_RULE, "FP8_DECODE_NUM_STAGES")
+    saved = [getattr(plan_module, name) for name in rule_attrs]
     try:
         for name in SWEEP["rules"]:
-            for attr, value in zip(pa.TILE_RULE, pa.SWEEP_TILES[name]):
+            rule = pa.SWEEP_TILES[name]
+            for attr, value in zip(rule_attrs, (*rule, rule[-1])):
                 setattr(plan_module, attr, value)
             for ctx in SWEEP["contexts"]:
                 for bs in SWEEP["batches"]:
@@ -144,7 +147,7 @@ def section_sweep(pools, rows):
                                          graph_us=round(t, 2), case=name))
                         log(f"sweep {name} {impl} bs={bs} ctx={ctx} S={plan.num_segments}: {t:.1f} us")
     finally:
-        for attr, value in zip(pa.TILE_RULE, saved):
+        for attr, value in zip(rule_attrs, saved):
             setattr(plan_module, attr, value)
 
 

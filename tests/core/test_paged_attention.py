@@ -205,10 +205,10 @@ def test_plan_constexprs_lead_each_kernels_constexprs_in_order():
                   page_size=16, dtype=torch.float32)
     plan = batch.plan(split_kv_policy=split(4))
     per_call = {"_decode_split_kv_kernel": ["USE_SOFTCAP", "USE_SINKS", "USE_WINDOW", "K_DIM_CONTIGUOUS",
-                                            "V_DIM_CONTIGUOUS", "KV_FP8", "DOT_PRECISION"],
+                                            "V_DIM_CONTIGUOUS", "KV_FP8", "INLINE_PTX", "DOT_PRECISION"],
                 "_reduce_segments_kernel": ["USE_SINKS", "USE_WINDOW"],
                 "_prefill_kernel": ["CAUSAL", "USE_SOFTCAP", "USE_SINKS", "USE_WINDOW_LEFT", "USE_WINDOW_RIGHT",
-                                    "K_DIM_CONTIGUOUS", "V_DIM_CONTIGUOUS", "KV_FP8", "DOT_PRECISION"]}
+                                    "K_DIM_CONTIGUOUS", "V_DIM_CONTIGUOUS", "KV_FP8", "INLINE_PTX", "DOT_PRECISION"]}
     for name, from_plan in (("_decode_split_kv_kernel", plan.decode_constexprs),
                             ("_reduce_segments_kernel", plan.reduce_constexprs),
                             ("_prefill_kernel", plan.prefill_constexprs)):

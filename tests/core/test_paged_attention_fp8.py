@@ -210,3 +210,17 @@ def test_gpu_cuda_graph_replay_follows_lengths_and_scales():
         atol, rtol = TOLERANCE[torch.bfloat16]
         assert_close_verbose(replayed[:tokens], expected, atol=atol, rtol=rtol)
         assert torch.isnan(replayed[tokens:]).all(), "a padding lane wrote an output row"
+
+
+def test_fp8_launch_options_deepen_the_decode_pipeline_only():
+    """FP8 tiles hold half the bytes: decodes over an FP8 cache get more pipeline stages, verify blocks
+    keep the verify kernel's options (its register budget)."""
+    from attnplug.core.attention import plan as plan_module
+
+    decode = Batch(DECODE_LENS, num_decodes=5, num_q_heads=4, num_kv_heads=2, head_size=32, page_size=16,
+                   dtype=torch.float16).plan()
+    assert decode.fp8_decode_options == dict(decode.decode_options, num_stages=plan_module.FP8_DECODE_NUM_STAGES)
+    assert plan_module.FP8_DECODE_NUM_STAGES > decode.decode_options["num_stages"]
+    verify = Batch(VERIFY_LENS, num_decodes=len(VERIFY_LENS), num_q_heads=4, num_kv_heads=2, head_size=32,
+                   page_size=16, dtype=torch.float16).plan()
+    assert verify.max_decode_query_len > 1 and verify.fp8_decode_options == verify.decode_options

@@ -22,9 +22,11 @@ maximum number of segments per sequence. CUDA-graph padding lanes (``seq_len == 
 tokens) exit before any load. Logits are kept in log2 units (``exp2``).
 
 FP8 KV caches (``KV_FP8``): tiles are loaded in FP8 (half the bytes) and converted to float16 for
-the dots (``_dot_operand``; the queries too, so 16-bit queries must stay below 65504 in magnitude;
-queries may be FP8 themselves, as vLLM quantizes them on CUDA, with their own per-tensor scale); the per-tensor K scale joins the logit scale and the V scale the final
-normalisation, each read once per program (``_logit_scale``, ``_normalised``). Accumulation is fp32.
+the dots (V tiles in registers: ``_value_dot_operand``); the queries are converted too
+(``_dot_operand``), so 16-bit queries must stay below 65504 in magnitude; queries may be FP8 themselves,
+as vLLM quantizes them on CUDA, with their own per-tensor scale. The per-tensor K scale joins the logit scale and the V
+scale the final normalisation, each read once per program (``_logit_scale``, ``_normalised``).
+Accumulation is fp32.
 """
 
 import triton
@@ -58,6 +60,20 @@ def _dot_operand(q, KV_FP8: tl.constexpr):
         if q.dtype != tl.float32:
             q = q.to(tl.float16)
     return q
+
+
+@triton.jit
+def _value_dot_operand(v, dtype, INLINE_PTX: tl.constexpr):
+    """A V tile in ``dtype``, the dtype of the dots. An FP8 tile is converted to float16 in registers, as
+    loaded: compiled for NVIDIA (``INLINE_PTX``) an opaque move keeps Triton from converting after the
+    shared-memory staging of the P @ V operand instead, which stages FP8 bytes and, V being the transposed
+    operand, reads them back byte by byte (H200: FP8 decode 1.2x slower than bf16, not 0.8x). K tiles, read
+    along the head dim, convert fine out of shared memory (converting them in registers too is slower)."""
+    converted = v.to(dtype)
+    if v.dtype.is_fp8() and INLINE_PTX and dtype == tl.float16:
+        converted = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [converted], dtype=tl.float16,
+                                              is_pure=False, pack=2)
+    return converted
 
 
 @triton.jit
@@ -186,6 +202,7 @@ def _decode_split_kv_kernel(
     K_DIM_CONTIGUOUS: tl.constexpr,
     V_DIM_CONTIGUOUS: tl.constexpr,
     KV_FP8: tl.constexpr,  # the caches hold FP8 values x per-tensor scales
+    INLINE_PTX: tl.constexpr,  # compiled for an NVIDIA GPU (not interpreted, not ROCm): inline PTX may be used
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32), else "tf32" (unused for 16-bit)
 ):
     segment = tl.program_id(0)
@@ -269,7 +286,8 @@ def _decode_split_kv_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m - m_safe)
         l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        v = _value_dot_operand(v, q.dtype, INLINE_PTX)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
 
     if BLOCK_Q > 1:
@@ -425,6 +443,7 @@ def _prefill_kernel(
     K_DIM_CONTIGUOUS: tl.constexpr,
     V_DIM_CONTIGUOUS: tl.constexpr,
     KV_FP8: tl.constexpr,  # the caches hold FP8 values x per-tensor scales
+    INLINE_PTX: tl.constexpr,  # compiled for an NVIDIA GPU (not interpreted, not ROCm): inline PTX may be used
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32), else "tf32" (unused for 16-bit)
 ):
     kv_head = tl.program_id(1)
@@ -495,7 +514,8 @@ def _prefill_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m - m_safe)
         l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        v = _value_dot_operand(v, q.dtype, INLINE_PTX)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
 
     l = tl.where(l == 0.0, 1.0, l)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -17,6 +18,8 @@ _launch_prefill = fast_launcher(_prefill_kernel)
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # KV cache dtypes read with per-tensor scales
+# CUDA tensors get kernels compiled for NVIDIA, where the kernels may use inline PTX
+_NVIDIA_BUILD = torch.version.hip is None and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 
 
 def _check_kv_scales(dtype, kv_dtype, device, q_scale, k_scale, v_scale) -> bool:
@@ -176,6 +179,7 @@ def paged_attention(
     use_sinks = sinks is not None
     use_window = window_left >= 0
     dot_precision = "ieee" if dtype == torch.float32 else "tf32"
+    inline_ptx = _NVIDIA_BUILD and q.is_cuda
     common = (q, k_cache, v_cache, block_table, plan.seq_lens, plan.query_start_loc, sinks, q_scale, k_scale, v_scale,
               float(softmax_scale), float(softcap) if use_softcap else 0.0, max(window_left, 0))
     q_strides, out_strides, k_strides, v_strides, block_table_strides = all_strides
@@ -190,7 +194,8 @@ def paged_attention(
         _launch_decode(
             plan.decode_grid, out, plan.segment_out, plan.segment_lse, *common, plan.num_segments, query_slots,
             *strides, *plan.decode_constexprs.values(), use_softcap, use_sinks, use_window, k_dim_contiguous,
-            v_dim_contiguous, kv_fp8, dot_precision, **plan.decode_options,
+            v_dim_contiguous, kv_fp8, inline_ptx, dot_precision,
+            **(plan.fp8_decode_options if kv_fp8 else plan.decode_options),
         )
         if split:
             _launch_reduce(
@@ -207,6 +212,6 @@ def paged_attention(
         _launch_prefill(
             grid, out, *common, max(window_right, 0), plan.num_decodes, plan.num_seqs, *strides,
             *plan.prefill_constexprs.values(), bool(causal), use_softcap, use_sinks, use_window,
-            window_right >= 0, k_dim_contiguous, v_dim_contiguous, kv_fp8, dot_precision, **plan.prefill_options,
+            window_right >= 0, k_dim_contiguous, v_dim_contiguous, kv_fp8, inline_ptx, dot_precision, **plan.prefill_options,
         )
     return out

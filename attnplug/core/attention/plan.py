@@ -29,6 +29,9 @@ DECODE_TILE_N = 64
 MIN_SEGMENT_TILES = 2  # no segment shorter than 128 tokens
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 3
+# FP8 KV tiles hold half the bytes: 5 stages keep about as many bytes in flight as 3 of bf16 (H200 sweep,
+# benchmarks/results/h200/fp8/tile_sweep_v_in_registers.csv: 4-8 % faster than 3 stages for decodes).
+FP8_DECODE_NUM_STAGES = 5
 # Default split-KV heuristic (a wave model fitted to the H100 sweep): this many decode programs
 # stream concurrently per SM, and each costs about this many KV tokens' worth of fixed work.
 RESIDENT_PROGRAMS_PER_SM = 4
@@ -240,6 +243,7 @@ class AttentionPlan:
     reduce_constexprs: dict
     prefill_constexprs: dict
     decode_options: dict
+    fp8_decode_options: dict  # the decode kernel's over an FP8 cache
     reduce_options: dict
     prefill_options: dict
 
@@ -391,10 +395,12 @@ def plan_attention(
         SEGMENT_BLOCK=min(SEGMENT_BLOCK, segments_pad), TILE_N=DECODE_TILE_N, MIN_SEGMENT_TILES=MIN_SEGMENT_TILES,
     )
     decode_options = dict(num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES)
+    fp8_decode_options = dict(decode_options, num_stages=FP8_DECODE_NUM_STAGES)
     if block_q > 1:
         decode_options["num_stages"] = VERIFY_NUM_STAGES
         if decode_constexprs["BLOCK_M"] > 16 and seq_lens.device.type == "cuda" and torch.version.hip is None:
             decode_options["maxnreg"] = VERIFY_MAX_REGISTERS
+        fp8_decode_options = decode_options
     prefill_block_m = max(PREFILL_BLOCK_M, triton.next_power_of_2(queries_per_kv))
     prefill_constexprs = dict(
         QUERIES_PER_KV=queries_per_kv, HEAD_SIZE=head_size, HEAD_PAD=head_pad, BLOCK_M=prefill_block_m,
@@ -411,6 +417,7 @@ def plan_attention(
         decode_constexprs=decode_constexprs, reduce_constexprs=reduce_constexprs,
         prefill_constexprs=prefill_constexprs,
         decode_options=decode_options,
+        fp8_decode_options=fp8_decode_options,
         reduce_options=dict(num_warps=4),
         prefill_options=dict(num_warps=PREFILL_NUM_WARPS, num_stages=PREFILL_NUM_STAGES),
     )
