@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from attnplug.adapters.vllm.planning import (
+    FP8_QUERY_HAND_BACK_MAX_KV_TOKENS,
     per_tensor_scale,
     unsupported_batch,
     unsupported_fp8_storage,
     unsupported_layer,
+    vllms_fp8_query_kernel_is_faster,
 )
 
 
@@ -129,3 +131,28 @@ def test_missing_or_non_float32_scales_are_not_per_tensor_scales():
     assert per_tensor_scale(None) is None
     assert per_tensor_scale(torch.tensor(0.5, dtype=torch.float16)) is None
     assert per_tensor_scale(torch.tensor(0.5, dtype=torch.float64).expand(3, 2)) is None
+
+
+def unified_attention_kwargs(num_seqs, max_seqlen_k, *, max_seqlen_q=1, seq_threshold_3D=16, split_buffers=True):
+    """The keyword arguments of vLLM's ``unified_attention`` that decide its split-K kernel."""
+    return dict(seqused_k=torch.ones(num_seqs, dtype=torch.int32), max_seqlen_q=max_seqlen_q,
+                max_seqlen_k=max_seqlen_k, seq_threshold_3D=seq_threshold_3D,
+                softmax_segm_output=torch.empty(1) if split_buffers else None)
+
+
+@pytest.mark.parametrize("num_seqs,max_seqlen_k", [(1, 1024), (2, 1024), (3, 600)])
+def test_small_fp8_query_decodes_vllm_splits_stay_vllms(num_seqs, max_seqlen_k):
+    assert num_seqs * max_seqlen_k <= FP8_QUERY_HAND_BACK_MAX_KV_TOKENS
+    assert vllms_fp8_query_kernel_is_faster(unified_attention_kwargs(num_seqs, max_seqlen_k))
+
+
+@pytest.mark.parametrize("case", [
+    dict(num_seqs=4, max_seqlen_k=1024),  # more KV than the bound (H200: attnplug 0.91x of vLLM's time)
+    dict(num_seqs=1, max_seqlen_k=4096),
+    dict(num_seqs=1, max_seqlen_k=1024, max_seqlen_q=4),  # a verify batch: vLLM's 3D kernel is not certain
+    dict(num_seqs=17, max_seqlen_k=64),  # above seq_threshold_3D: vLLM's 2D kernel
+    dict(num_seqs=1, max_seqlen_k=1024, seq_threshold_3D=None),  # a release without the 3D kernel
+    dict(num_seqs=1, max_seqlen_k=1024, split_buffers=False),
+])
+def test_other_fp8_query_batches_are_attnplugs(case):
+    assert not vllms_fp8_query_kernel_is_faster(unified_attention_kwargs(**case))

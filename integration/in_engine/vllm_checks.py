@@ -532,8 +532,9 @@ def test_fp8_queries_run_with_the_layers_q_scale(configs, which, monkeypatch):
 
 
 def test_fp8_query_decodes_that_vllm_splits_go_to_vllms_kernel(configs, monkeypatch):
-    """The patched TRITON_ATTN hands an FP8-query decode batch of at most ``seq_threshold_3D`` sequences
-    (vLLM's split-K FP8 kernel, faster there) back to vLLM, with one log line, and takes the others."""
+    """The patched TRITON_ATTN hands a small FP8-query decode batch that vLLM splits itself (at most
+    ``seq_threshold_3D`` sequences and ``FP8_QUERY_HAND_BACK_MAX_KV_TOKENS`` KV tokens: vLLM's split-K FP8
+    kernel is faster there) back to vLLM, with one log line, and takes the others."""
     from vllm.v1.attention.backends.triton_attn import (
         TritonAttentionBackend,
         TritonAttentionImpl,
@@ -541,7 +542,7 @@ def test_fp8_query_decodes_that_vllm_splits_go_to_vllms_kernel(configs, monkeypa
     )
 
     from attnplug._log import logger
-    from attnplug.adapters.vllm.triton_attn import FP8_QUERY_DECODES_VLLM_SPLITS
+    from attnplug.adapters.vllm.planning import FP8_QUERY_DECODES_VLLM_SPLITS, FP8_QUERY_HAND_BACK_MAX_KV_TOKENS
 
     messages = []
     monkeypatch.setattr(logger, "info", lambda message, *args: messages.append(message % args if args else message))
@@ -553,7 +554,9 @@ def test_fp8_query_decodes_that_vllm_splits_go_to_vllms_kernel(configs, monkeypa
             batch = Fp8Batch(layer, *FP8_BATCHES[case][:2], seed=10)
             batch.q = (batch.q * 0.1 / Q_SCALE).to(torch.float8_e4m3fn)
             attn_metadata = make_builder(TritonAttentionMetadataBuilder, configs["spec"], "fp8").build(0, batch.metadata)
-            assert len(batch.metadata.seq_lens) <= attn_metadata.seq_threshold_3D
+            seq_lens = batch.metadata.seq_lens
+            assert len(seq_lens) <= attn_metadata.seq_threshold_3D
+            assert len(seq_lens) * int(seq_lens.max()) <= FP8_QUERY_HAND_BACK_MAX_KV_TOKENS
             calls = report.op_calls["paged_attention"]
             ours = torch.full(batch.q.shape, float("nan"), dtype=torch.float16)
             layer.impl.forward(layer, batch.q, None, None, batch.kv_cache, attn_metadata, ours)

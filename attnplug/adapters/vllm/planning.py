@@ -186,6 +186,25 @@ def unsupported_batch(
     return None
 
 
+# The split-K (3D) FP8-query kernel of vLLM 0.32 / 0.33 beat attnplug only on the smallest decode batch
+# measured (H200, 2026-12-02: bs 1 ctx 1k, 0.91x of attnplug's time; from bs 4 ctx 1k and bs 1 ctx 4k on,
+# attnplug took 0.35-0.91x of its time): such batches, bounded by their KV tokens, stay vLLM's.
+FP8_QUERY_HAND_BACK_MAX_KV_TOKENS = 2048
+FP8_QUERY_DECODES_VLLM_SPLITS = (f"an FP8-query decode batch of at most {FP8_QUERY_HAND_BACK_MAX_KV_TOKENS} KV "
+                                 "tokens that vLLM splits itself (its FP8 tensor-core kernel is faster there)")
+
+
+def vllms_fp8_query_kernel_is_faster(kwargs: dict) -> bool:
+    """Whether this ``unified_attention`` call (its keyword arguments, FP8 queries) goes to vLLM's split-K
+    kernel for sure and is small enough that that kernel beats attnplug's: decodes only (one query token
+    each), at most ``seq_threshold_3D`` sequences and ``num_seqs * max_seqlen_k`` at most
+    ``FP8_QUERY_HAND_BACK_MAX_KV_TOKENS`` (host ints: no sync), in 0.32 and 0.33 alike."""
+    threshold = kwargs.get("seq_threshold_3D")
+    num_seqs = kwargs["seqused_k"].shape[0]
+    return (threshold is not None and kwargs.get("softmax_segm_output") is not None and kwargs["max_seqlen_q"] == 1
+            and num_seqs <= threshold and num_seqs * kwargs["max_seqlen_k"] <= FP8_QUERY_HAND_BACK_MAX_KV_TOKENS)
+
+
 def per_tensor_scale(scale: torch.Tensor | None) -> torch.Tensor | None:
     """The one-element float32 tensor behind a per-tensor KV scale as vLLM hands it over (None: it is not one).
 

@@ -23,6 +23,7 @@ import torch
 from attnplug import ops
 from attnplug.adapters.vllm.planning import (
     FP8_KV_DTYPES,
+    FP8_QUERY_DECODES_VLLM_SPLITS,
     UNSUPPORTED_SCALES,
     PlanStash,
     init_spec_as_decode,
@@ -31,6 +32,7 @@ from attnplug.adapters.vllm.planning import (
     planner_of,
     unsupported_batch,
     unsupported_layer,
+    vllms_fp8_query_kernel_is_faster,
 )
 
 plans = PlanStash()
@@ -102,21 +104,9 @@ def _why_not(plan, kwargs) -> tuple[str | None, tuple]:
               per_tensor_scale(kwargs.get("k_descale")), per_tensor_scale(kwargs.get("v_descale")))
     if (q_descale is not None and scales[0] is None) or scales[1] is None or scales[2] is None:
         return UNSUPPORTED_SCALES, _NO_SCALES
-    if q_descale is not None and vllm_splits_it(kwargs):
+    if q_descale is not None and vllms_fp8_query_kernel_is_faster(kwargs):
         return FP8_QUERY_DECODES_VLLM_SPLITS, _NO_SCALES
     return None, scales
-
-
-FP8_QUERY_DECODES_VLLM_SPLITS = ("an FP8-query decode batch vLLM splits itself (its FP8 tensor-core kernel ran "
-                                 "0.79-0.98x of attnplug's time there on the H200)")
-
-
-def vllm_splits_it(kwargs) -> bool:
-    """Whether ``unified_attention`` runs this call through its split-K (3D) kernel for sure: decodes only
-    (one query token each) and at most ``seq_threshold_3D`` sequences, in 0.32 and 0.33 alike."""
-    threshold = kwargs.get("seq_threshold_3D")
-    return (threshold is not None and kwargs.get("softmax_segm_output") is not None and kwargs["max_seqlen_q"] == 1
-            and kwargs["seqused_k"].shape[0] <= threshold)
 
 
 def split_launch_unified_attention(original):
