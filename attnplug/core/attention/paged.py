@@ -35,11 +35,11 @@ def _check_kv_scales(dtype, kv_dtype, device, q_scale, k_scale, v_scale) -> bool
     fp8_query = dtype in FP8_KV_DTYPES
     if q_scale is not None and not fp8_query:
         raise ValueError(f"q_scale is for FP8 queries only; q is {dtype}")
-    for name, scale in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale)):
-        if name == "q_scale" and not fp8_query:
-            continue
+    required = [("k_scale", k_scale, f"a {kv_dtype} KV cache"), ("v_scale", v_scale, f"a {kv_dtype} KV cache")]
+    if fp8_query:
+        required.insert(0, ("q_scale", q_scale, f"{dtype} queries"))
+    for name, scale, what in required:
         if scale is None:
-            what = f"{dtype} queries" if name == "q_scale" else f"a {kv_dtype} KV cache"
             raise ValueError(f"{name} is required for {what} (a float32 tensor with one element)")
         if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.numel() != 1:
             raise ValueError(f"{name} must be a float32 tensor with one element, got "
