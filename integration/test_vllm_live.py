@@ -118,15 +118,24 @@ def test_stock_server_generates_full_greedy_sequences(server: harness.ServerRun)
 
 @pytest.mark.parametrize("server", SAME_TOKENS_AS_STOCK, indirect=True, ids=label)
 def test_same_tokens_as_stock(server: harness.ServerRun, live_servers: harness.LiveServers) -> None:
-    stock = live_servers.run(STOCK)
     if server.config.cpu_attn_class is not None:  # the shim rerouted attention in the worker process
-        routed = rf"Worker\S* pid=\d+\) .*routes CPU_ATTN to {re.escape(server.config.cpu_attn_class)}"
-        assert re.search(routed, server.log), f"no worker log line matching {routed!r}"
-    assert [g.key for g in server.completions] == [g.key for g in stock.completions], (
+        _assert_cpu_attention_rerouted(server)
+    _assert_same_tokens(server, live_servers.run(STOCK))
+
+
+def _assert_cpu_attention_rerouted(server: harness.ServerRun) -> None:
+    routed = rf"Worker\S* pid=\d+\) .*routes CPU_ATTN to {re.escape(server.config.cpu_attn_class)}"
+    assert re.search(routed, server.log), f"no worker log line matching {routed!r}"
+
+
+def _assert_same_tokens(server: harness.ServerRun, reference: harness.ServerRun) -> None:
+    """The same greedy completions and chat reply as ``reference``."""
+    assert [g.key for g in server.completions] == [g.key for g in reference.completions], (
         f"{server.config.label}:\n{harness.describe(server.completions, PROMPTS)}\n"
-        f"stock:\n{harness.describe(stock.completions, PROMPTS)}"
+        f"{reference.config.label}:\n{harness.describe(reference.completions, PROMPTS)}"
     )
-    assert server.chat.key == stock.chat.key, f"{server.config.label}: {server.chat}\nstock: {stock.chat}"
+    assert server.chat.key == reference.chat.key, (
+        f"{server.config.label}: {server.chat}\n{reference.config.label}: {reference.chat}")
 
 
 def _kv_cache_tokens(run: harness.ServerRun) -> int:
@@ -152,14 +161,8 @@ def test_fp8_configs_really_run_an_fp8_kv_cache(server: harness.ServerRun, live_
 def test_fp8_kv_cache_same_tokens_as_vllms_triton_attention(server: harness.ServerRun,
                                                             live_servers: harness.LiveServers) -> None:
     """attnplug's kernels on vLLM's FP8 cache (its scales) give the greedy tokens of vLLM's own Triton attention."""
-    reference = live_servers.run(VLLM_TRITON_FP8)
-    routed = rf"Worker\S* pid=\d+\) .*routes CPU_ATTN to {re.escape(server.config.cpu_attn_class)}"
-    assert re.search(routed, server.log), f"no worker log line matching {routed!r}"
-    assert [g.key for g in server.completions] == [g.key for g in reference.completions], (
-        f"{server.config.label}:\n{harness.describe(server.completions, PROMPTS)}\n"
-        f"{reference.config.label}:\n{harness.describe(reference.completions, PROMPTS)}"
-    )
-    assert server.chat.key == reference.chat.key, f"{server.config.label}: {server.chat}\nreference: {reference.chat}"
+    _assert_cpu_attention_rerouted(server)
+    _assert_same_tokens(server, live_servers.run(VLLM_TRITON_FP8))
 
 
 @pytest.mark.parametrize("server", sorted(CONCURRENCY_CONFIGS, key=label), indirect=True, ids=label)
